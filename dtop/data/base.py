@@ -1,0 +1,175 @@
+"""Generic segmentation DataModule: loaders, batch contract and dataset metadata.
+
+Batch contract (every dataset in the project returns this per sample)::
+
+    {"image": float32 [3, H, W] ImageNet-normalised,
+     "label": int64 [H, W] in [0, num_classes) or ignore_index (255),
+     "id": str}
+
+Collated by :func:`seg_collate` into ``image [B, 3, H, W]``, ``label [B, H, W]``,
+``id list[str]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "EpochSeededRandomSampler", "SegDataModule", "seg_collate"]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+EVAL_MODES = ("whole", "slide")
+
+
+def seg_collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors (``image``, ``label``, ...) and list everything else (``id``, ...).
+
+    Unlike ``default_collate`` this fails with an actionable message when eval images have
+    different sizes (e.g. ADE20K val at original resolution), instead of a bare
+    ``stack expects each tensor to be equal size``.
+    """
+    if len(batch) == 0:
+        raise ValueError("cannot collate an empty batch")
+    keys = batch[0].keys()
+    for sample in batch:
+        if sample.keys() != keys:
+            raise ValueError(f"samples in a batch have different keys: {sorted(keys)} vs {sorted(sample.keys())}")
+    out: dict[str, Any] = {}
+    for key in keys:
+        values = [sample[key] for sample in batch]
+        if isinstance(values[0], torch.Tensor):
+            shapes = {tuple(v.shape) for v in values}
+            if len(shapes) > 1:
+                raise ValueError(
+                    f"cannot batch {key!r}: samples have different shapes {sorted(shapes)}. "
+                    "Variable-size evaluation images must be evaluated one at a time: set val_batch_size=1."
+                )
+            out[key] = torch.stack(values)
+        else:
+            out[key] = values
+    return out
+
+
+class EpochSeededRandomSampler(Sampler[int]):
+    """Random permutation that depends only on ``(seed, epoch)``.
+
+    Lightning calls ``set_epoch`` on the train sampler at the start of every epoch (also
+    after resuming from a checkpoint, with the restored epoch), so the data order of epoch
+    ``e`` is the same whether or not the run was interrupted. A plain ``RandomSampler``
+    with a seeded generator would instead restart from the epoch-0 order after a resume,
+    because the generator's state is not checkpointed.
+    """
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        if num_samples < 1:
+            raise ValueError(f"cannot sample from an empty dataset (num_samples={num_samples})")
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class SegDataModule(L.LightningDataModule):
+    """Base DataModule: subclasses set the metadata attributes and build datasets in ``setup``.
+
+    The model reads ``num_classes``, ``ignore_index``, ``eval_mode``, ``crop_size`` and
+    ``stride`` (slide inference) from here, so those live next to the data rather than
+    being duplicated in model configs.
+    """
+
+    num_classes: int
+    ignore_index: int = 255
+    class_names: list[str]
+    palette: list[tuple[int, int, int]]
+    eval_mode: str = "whole"
+    crop_size: tuple[int, int] | None = None
+    stride: tuple[int, int] | None = None
+
+    def __init__(
+        self,
+        batch_size: int,
+        val_batch_size: int = 1,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or val_batch_size < 1:
+            raise ValueError(f"batch sizes must be >= 1, got batch_size={batch_size}, val_batch_size={val_batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.seed = seed
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+        self.test_dataset: Dataset | None = None
+
+    def validate_metadata(self) -> None:
+        """Fail early on inconsistent metadata that would otherwise surface as wrong metrics."""
+        for attr in ("num_classes", "class_names", "palette"):
+            if not hasattr(self, attr):
+                raise AttributeError(f"{type(self).__name__} must define {attr!r}")
+        if len(self.class_names) != self.num_classes or len(self.palette) != self.num_classes:
+            raise ValueError(
+                f"{type(self).__name__}: num_classes={self.num_classes} but {len(self.class_names)} class_names "
+                f"and {len(self.palette)} palette entries"
+            )
+        if 0 <= self.ignore_index < self.num_classes:
+            raise ValueError(f"ignore_index={self.ignore_index} collides with a class id")
+        if self.eval_mode not in EVAL_MODES:
+            raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got {self.eval_mode!r}")
+        if self.eval_mode == "slide" and (self.crop_size is None or self.stride is None):
+            raise ValueError("eval_mode='slide' requires crop_size and stride")
+
+    def _loader(self, dataset: Dataset | None, stage: str, **kwargs: Any) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: no {stage} dataset; call setup() first")
+        self.validate_metadata()
+        return DataLoader(
+            dataset,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=seg_collate,
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: no train dataset; call setup('fit') first")
+        num_samples = len(self.train_dataset)  # type: ignore[arg-type]
+        if num_samples < self.batch_size:
+            raise ValueError(
+                f"train dataset has {num_samples} samples < batch_size={self.batch_size}; "
+                "with drop_last=True an epoch would contain no batch"
+            )
+        sampler = EpochSeededRandomSampler(num_samples, self.seed)
+        return self._loader(
+            self.train_dataset, "train", batch_size=self.batch_size, sampler=sampler, drop_last=True
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, "val", batch_size=self.val_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        dataset = self.test_dataset if self.test_dataset is not None else self.val_dataset
+        return self._loader(dataset, "test", batch_size=self.val_batch_size, shuffle=False)

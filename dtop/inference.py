@@ -1,0 +1,89 @@
+"""Whole-image helpers and mmsegmentation-style sliding-window inference.
+
+Plain ViTs are trained on fixed crops; on larger eval images mmseg runs them on a grid of
+crop-sized windows and averages the overlapping logits. This module reproduces that so
+numbers are comparable with published mmseg results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["resize_logits", "slide_inference", "slide_windows"]
+
+
+def resize_logits(logits: Tensor, size: Sequence[int]) -> Tensor:
+    """Bilinearly resize ``[B, C, h, w]`` logits to ``size`` (H, W), align_corners=False as mmseg."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=(int(size[0]), int(size[1])), mode="bilinear", align_corners=False)
+
+
+def slide_windows(
+    height: int, width: int, crop_size: Sequence[int], stride: Sequence[int]
+) -> list[tuple[int, int, int, int]]:
+    """Windows ``(y1, y2, x1, x2)`` of mmseg's ``slide_inference`` grid.
+
+    Windows start every ``stride`` pixels and the last one in each direction is shifted
+    back to end at the border, so all windows have size ``min(crop, image)`` and never
+    leave the image; a side shorter than the crop is covered by one window. Requires
+    ``stride <= crop_size`` so that consecutive windows leave no gap.
+    """
+    crop_h, crop_w = int(crop_size[0]), int(crop_size[1])
+    stride_h, stride_w = int(stride[0]), int(stride[1])
+    if min(crop_h, crop_w, stride_h, stride_w) < 1:
+        raise ValueError(f"crop_size and stride must be positive, got crop_size={crop_size}, stride={stride}")
+    if stride_h > crop_h or stride_w > crop_w:
+        raise ValueError(f"stride {tuple(stride)} larger than crop_size {tuple(crop_size)} would leave pixels unseen")
+    grids_h = max(height - crop_h + stride_h - 1, 0) // stride_h + 1
+    grids_w = max(width - crop_w + stride_w - 1, 0) // stride_w + 1
+    windows = []
+    for i in range(grids_h):
+        y2 = min(i * stride_h + crop_h, height)
+        y1 = max(y2 - crop_h, 0)
+        for j in range(grids_w):
+            x2 = min(j * stride_w + crop_w, width)
+            x1 = max(x2 - crop_w, 0)
+            windows.append((y1, y2, x1, x2))
+    return windows
+
+
+def slide_inference(
+    forward: Callable[[Tensor], Tensor],
+    image: Tensor,
+    num_classes: int,
+    crop_size: Sequence[int],
+    stride: Sequence[int],
+) -> Tensor:
+    """Average the logits of ``forward`` over the :func:`slide_windows` grid.
+
+    Args:
+        forward: maps a crop ``[B, 3, h, w]`` to logits ``[B, num_classes, h, w]`` (at the
+            crop's resolution: resize inside ``forward`` if the model predicts at a stride).
+        image: ``[B, 3, H, W]``.
+        crop_size, stride: (H, W).
+
+    Returns:
+        float32 logits ``[B, num_classes, H, W]``: the sum over windows divided by the
+        number of windows covering each pixel. Accumulated in float32 so overlapping
+        bf16/fp16 logits do not lose precision.
+    """
+    if image.ndim != 4:
+        raise ValueError(f"image must be [B, 3, H, W], got shape {tuple(image.shape)}")
+    batch, _, height, width = image.shape
+    logits = image.new_zeros((batch, num_classes, height, width), dtype=torch.float32)
+    count = image.new_zeros((1, 1, height, width), dtype=torch.float32)
+    for y1, y2, x1, x2 in slide_windows(height, width, crop_size, stride):
+        out = forward(image[:, :, y1:y2, x1:x2])
+        if tuple(out.shape) != (batch, num_classes, y2 - y1, x2 - x1):
+            raise ValueError(
+                f"forward returned shape {tuple(out.shape)} for a crop of {y2 - y1}x{x2 - x1}; expected "
+                f"{(batch, num_classes, y2 - y1, x2 - x1)} (logits at the crop's resolution)"
+            )
+        logits[:, :, y1:y2, x1:x2] += out.float()
+        count[:, :, y1:y2, x1:x2] += 1
+    return logits / count

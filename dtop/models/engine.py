@@ -1,0 +1,153 @@
+"""The segmentor: a plain ViT split into stages by aux heads, driven by a pruning policy.
+
+Read in the paper's order: embed → for each stage: run its blocks on the packed active tokens, then
+let the policy grade the tokens with the stage's aux head and decide who leaves → decode head on what
+is left → assemble every token's logits into one map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dtop.models.heads.base import SegHead
+from dtop.models.macs import block_macs, patch_embed_macs
+from dtop.models.packed import TokenStream, block_forward
+from dtop.models.policies import DToP, Policy, RunState
+from dtop.models.vit import ViTBackbone
+
+
+@dataclass
+class SegOutput:
+    """Token-grid outputs of one forward; ``logits`` maps are [B, K, h, w] over the patch grid."""
+
+    logits: Tensor
+    presence: Tensor | None
+    stage_logits: list[Tensor]
+    stage_presence: list[Tensor | None]
+    stats: dict[str, Tensor]
+    features: Tensor | None  # [B, N, C] reconstructed final features (DoViT), else None
+    input_size: tuple[int, int]  # (H, W) of the unpadded input
+    padded_size: tuple[int, int]
+
+
+class Segmentor(nn.Module):
+    """Backbone + aux heads at ``prune_layers`` (1-based layer indices) + decode head + policy."""
+
+    def __init__(self, backbone: ViTBackbone, decode_head: SegHead, aux_heads: Sequence[SegHead] = (),
+                 prune_layers: Sequence[int] = (), policy: Policy | None = None) -> None:
+        super().__init__()
+        prune_layers = [int(p) for p in prune_layers]
+        depth = backbone.depth
+        if any(not 1 <= p < depth for p in prune_layers) or sorted(set(prune_layers)) != prune_layers:
+            raise ValueError(f"prune_layers must be strictly increasing layer indices in [1, {depth - 1}] for a "
+                             f"{depth}-layer backbone (1-based; the decode head sits after layer {depth}); "
+                             f"got {prune_layers}.")
+        if len(aux_heads) != len(prune_layers):
+            raise ValueError(f"{len(aux_heads)} aux heads for {len(prune_layers)} prune layers: need one head per layer.")
+        for name, head in [("decode_head", decode_head)] + [(f"aux_heads[{i}]", h) for i, h in enumerate(aux_heads)]:
+            if head.in_channels != backbone.embed_dim:
+                raise ValueError(f"{name} expects {head.in_channels} input channels but the backbone "
+                                 f"{backbone.name!r} has width {backbone.embed_dim}.")
+            if head.num_classes != decode_head.num_classes:
+                raise ValueError(f"{name} predicts {head.num_classes} classes, decode head {decode_head.num_classes}.")
+        self.backbone = backbone
+        self.decode_head = decode_head
+        self.aux_heads = nn.ModuleList(aux_heads)
+        self.prune_layers = prune_layers
+        self.policy = policy if policy is not None else DToP(1.0)
+
+    @property
+    def num_classes(self) -> int:
+        return self.decode_head.num_classes
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.prune_layers) + 1
+
+    def forward(self, images: Tensor) -> SegOutput:
+        B, _, H, W = images.shape
+        p = self.backbone.patch_size
+        Hp, Wp = -(-H // p) * p, -(-W // p) * p
+        if (Hp, Wp) != (H, W):
+            images = F.pad(images, (0, Wp - W, 0, Hp - H))
+        grid = (Hp // p, Wp // p)
+        N = grid[0] * grid[1]
+        K = self.num_classes
+        stream = TokenStream.from_dense(self.backbone.embed(images), self.backbone.num_prefix_tokens)
+        dev = images.device
+        pe = patch_embed_macs(N, p, images.shape[1], self.backbone.embed_dim)
+        state = RunState(
+            batch_size=B, grid=grid, num_classes=K, num_stages=self.num_stages,
+            canvas=stream.x.new_zeros(B * N, K, dtype=torch.float32),
+            exit_stage=torch.full((B * N,), self.num_stages - 1, dtype=torch.long, device=dev),
+            macs=torch.full((B,), float(pe), dtype=torch.float64, device=dev),
+            macs_linear=torch.full((B,), float(pe), dtype=torch.float64, device=dev),
+            has_cls=self.backbone.has_cls_token,
+        )
+        ends = self.prune_layers + [self.backbone.depth]
+        start = 0
+        for stage, end in enumerate(ends):
+            lengths = stream.lengths
+            special = torch.zeros(B, dtype=torch.long, device=dev).index_add_(0, stream.batch, (stream.pos < 0).long())
+            state.tokens.append(lengths - special)
+            for block in self.backbone.blocks[start:end]:
+                stream = block_forward(block, stream)
+                state.add_macs(block_macs(block, lengths))
+            start = end
+            if stage < len(self.aux_heads):
+                stream = self.policy.stage_end(stage, len(self.aux_heads), stream, self.aux_heads[stage], state)
+        presence, features = self.policy.finish(stream, self.decode_head, self.backbone.norm, state)
+        return self._assemble(state, presence, features, (H, W), (Hp, Wp))
+
+    def _assemble(self, state: RunState, presence: Tensor | None, features: Tensor | None,
+                  input_size: tuple[int, int], padded_size: tuple[int, int]) -> SegOutput:
+        B, K, S = state.batch_size, state.num_classes, state.num_stages
+        h, w = state.grid
+
+        def as_map(flat: Tensor) -> Tensor:
+            return flat.view(B, h, w, K).permute(0, 3, 1, 2)
+
+        logits = as_map(state.canvas)
+        with torch.no_grad():
+            pred = self.decode_head.scores(logits.detach(), presence).argmax(1).view(B, -1)
+            exit_stage = state.exit_stage.view(B, -1)
+            exits = F.one_hot(exit_stage, S).sum(1)
+            per_class = torch.zeros(B * S * K, dtype=torch.long, device=pred.device)
+            per_class.index_add_(0, ((torch.arange(B, device=pred.device)[:, None] * S + exit_stage) * K + pred).view(-1),
+                                 torch.ones_like(pred).view(-1))
+        stats = {
+            "tokens_per_stage": torch.stack(state.tokens, 1),
+            "exits_per_stage": exits,
+            "exits_per_class": per_class.view(B, S, K),
+            "exit_stage": exit_stage.view(B, h, w),
+            "macs": state.macs,
+            "macs_linear": state.macs_linear,
+        }
+        return SegOutput(
+            logits=logits,
+            presence=presence,
+            stage_logits=[as_map(c) for c in state.stage_logits],
+            stage_presence=state.stage_presence,
+            stats=stats,
+            features=None if features is None else features.view(B, h * w, -1),
+            input_size=input_size,
+            padded_size=padded_size,
+        )
+
+    def upsample(self, logits: Tensor, out: SegOutput, size: tuple[int, int] | None = None) -> Tensor:
+        """Token-grid logits → the input's pixels (crop the padding), then optionally to ``size``."""
+        x = F.interpolate(logits.float(), size=out.padded_size, mode="bilinear", align_corners=False)
+        x = x[..., : out.input_size[0], : out.input_size[1]]
+        if size is not None and tuple(size) != tuple(out.input_size):
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return x
+
+    def predict(self, images: Tensor, size: tuple[int, int] | None = None) -> tuple[Tensor, SegOutput]:
+        """Per-pixel class scores [B, K, H, W] (at ``size`` or the input size) and the raw output."""
+        out = self(images)
+        return self.decode_head.scores(self.upsample(out.logits, out, size), out.presence), out

@@ -1,0 +1,44 @@
+"""The one interface every segmentation head implements.
+
+A head sees the tokens of a :class:`~dtop.models.packed.TokenStream` (packed or the full map) and
+returns per-token class logits. Heads never know which pruning policy runs; policies never know
+which head grades.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from dtop.models.packed import TokenStream
+
+
+@dataclass
+class HeadOutput:
+    """``logits`` [T, K] per token; ``presence`` [B, K] per-image class presence logits (ATM heads)."""
+
+    logits: Tensor
+    presence: Tensor | None = None
+
+
+class SegHead(nn.Module):
+    """Base class: subclasses define ``forward``, ``macs`` and, when not softmax, the scoring rules."""
+
+    in_channels: int
+    num_classes: int
+
+    def forward(self, x: Tensor, stream: TokenStream) -> HeadOutput:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def token_probs(self, out: HeadOutput, stream: TokenStream) -> Tensor:
+        """Per-token class probabilities [T, K] that grade tokens (confidence = their max)."""
+        return out.logits.float().softmax(-1)
+
+    def scores(self, logits: Tensor, presence: Tensor | None) -> Tensor:
+        """Per-pixel class scores [B, K, H, W] from an assembled logit map; argmax is the prediction."""
+        return logits
+
+    def macs(self, n: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
+        """Multiply-accumulates for ``n`` tokens per image: (all, linear/conv only)."""
+        raise NotImplementedError

@@ -1,0 +1,252 @@
+"""What happens to tokens at a stage end: the two policies of the one engine.
+
+- :class:`DToP` (Dynamic Token Pruning): the aux head grades the active tokens; tokens with
+  confidence ≥ ξ exit — their logits are frozen in the output canvas and they leave every later
+  layer — except the k most confident exiting tokens of each class, which stay as context.
+- :class:`DoViT` (Dynamic Token-Pass): the aux head grades the full reconstructed map; tokens with
+  confidence > ξ stop — they keep their features and skip every later block — the cls token absorbs
+  the mean of the stopped tokens, and the decoder predicts every token from the reconstructed map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dtop.models.heads.base import SegHead
+from dtop.models.packed import TokenStream
+
+CONTEXT_POLICIES = ("topk", "remove", "average", "avg_topk", "fixed_ratio")
+
+
+@dataclass
+class RunState:
+    """Everything one forward accumulates besides the token stream itself."""
+
+    batch_size: int
+    grid: tuple[int, int]
+    num_classes: int
+    num_stages: int
+    canvas: Tensor  # [B·N, K] assembled logits, flat over (image, patch)
+    exit_stage: Tensor  # [B·N] stage whose head made each token's prediction
+    macs: Tensor  # [B] float64
+    macs_linear: Tensor  # [B] float64
+    tokens: list[Tensor] = field(default_factory=list)  # active patch tokens entering each stage, [B]
+    stage_logits: list[Tensor] = field(default_factory=list)  # [B·N, K] per aux stage
+    stage_presence: list[Tensor | None] = field(default_factory=list)
+    buffer: Tensor | None = None  # [B·N, C] reconstructed features (DoViT)
+    stopped: Tensor | None = None  # [B·N] bool (DoViT)
+    has_cls: bool = False  # each segment starts with a cls token
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def flat(self, stream: TokenStream) -> Tensor:
+        return stream.batch * self.num_patches + stream.pos
+
+    def add_macs(self, macs: tuple[Tensor, Tensor]) -> None:
+        self.macs = self.macs + macs[0]
+        self.macs_linear = self.macs_linear + macs[1]
+
+    def full_stream(self, x: Tensor) -> TokenStream:
+        """The stream of the whole patch map (every token, in grid order)."""
+        B, N = self.batch_size, self.num_patches
+        dev = x.device
+        return TokenStream(x, torch.arange(B, device=dev).repeat_interleave(N), torch.arange(N, device=dev).repeat(B),
+                           torch.arange(B + 1, device=dev, dtype=torch.int32) * N, N, B, 0, True)
+
+
+def _thresholds(threshold: float | Sequence[float]) -> tuple[float, ...]:
+    values = (float(threshold),) if isinstance(threshold, (int, float)) else tuple(float(t) for t in threshold)
+    if not values or any(not 0.0 <= t <= 1.0 for t in values):
+        raise ValueError(f"Confidence threshold ξ must lie in [0, 1] (1.0 disables pruning); got {threshold!r}.")
+    return values
+
+
+def topk_per_group(group: Tensor, score: Tensor, k: int | Tensor, num_groups: int) -> Tensor:
+    """Mark the ``k`` highest-scoring members of every group, vectorised over all groups.
+
+    ``group`` holds ids in [0, num_groups], where ``num_groups`` means "in no group"; ``k`` is one
+    number or one per group id ([num_groups + 1]).
+    """
+    order = torch.argsort(score, descending=True, stable=True)
+    order = order[torch.argsort(group[order], stable=True)]
+    g = group[order]
+    counts = torch.zeros(num_groups + 1, dtype=torch.long, device=group.device).index_add_(0, g, torch.ones_like(g))
+    starts = counts.cumsum(0) - counts
+    rank = torch.arange(g.numel(), device=g.device) - starts[g]
+    limit = k[g] if isinstance(k, Tensor) else k
+    chosen = (rank < limit) & (g < num_groups)
+    return torch.zeros_like(chosen).index_put((order,), chosen)
+
+
+class Policy(nn.Module):
+    """Common base: a policy has thresholds per aux stage and turns head outputs into decisions."""
+
+    def __init__(self, threshold: float | Sequence[float]) -> None:
+        super().__init__()
+        self.threshold = _thresholds(threshold)
+
+    def set_threshold(self, threshold: float | Sequence[float]) -> None:
+        self.threshold = _thresholds(threshold)
+
+    def threshold_at(self, stage: int, num_aux: int) -> float:
+        if len(self.threshold) == 1:
+            return self.threshold[0]
+        if len(self.threshold) != num_aux:
+            raise ValueError(f"{len(self.threshold)} per-stage thresholds given for {num_aux} pruning stages.")
+        return self.threshold[stage]
+
+    def stage_end(self, stage: int, num_aux: int, stream: TokenStream, head: SegHead,
+                  state: RunState) -> TokenStream:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def finish(self, stream: TokenStream, head: SegHead, norm: nn.Module,
+               state: RunState) -> tuple[Tensor | None, Tensor | None]:  # pragma: no cover - interface
+        """Run the decode head, fill ``state.canvas``; return (final presence, final features)."""
+        raise NotImplementedError
+
+
+class DToP(Policy):
+    """Early exit of easy tokens with per-class context (DToP, Sec. 3.2 and 3.4)."""
+
+    def __init__(self, threshold: float | Sequence[float] = 1.0, context: str = "topk", k: int = 5,
+                 ratio: float = 0.25) -> None:
+        super().__init__(threshold)
+        if context not in CONTEXT_POLICIES:
+            raise ValueError(f"Unknown context policy {context!r}; choose one of {CONTEXT_POLICIES}.")
+        if k < 0 or not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"Need k ≥ 0 and 0 ≤ ratio ≤ 1; got k={k}, ratio={ratio}.")
+        self.context, self.k, self.ratio = context, k, ratio
+
+    def _exits(self, conf: Tensor, cls: Tensor, ps: TokenStream, thr: float, K: int) -> tuple[Tensor, Tensor]:
+        """(tokens that leave the computation, tokens graded easy) among the patch tokens ``ps``."""
+        if self.context == "fixed_ratio":
+            quota = (ps.lengths.double() * self.ratio).floor().long()
+            easy = topk_per_group(ps.batch, conf, F.pad(quota, (0, 1)), ps.batch_size)
+            return easy, easy
+        easy = conf >= thr
+        if self.context in ("remove", "average"):
+            return easy, easy
+        G = ps.batch_size * K
+        group = torch.where(easy, ps.batch * K + cls, torch.full_like(cls, G))
+        return easy & ~topk_per_group(group, conf, self.k, G), easy
+
+    def stage_end(self, stage: int, num_aux: int, stream: TokenStream, head: SegHead,
+                  state: RunState) -> TokenStream:
+        idx, ps = stream.patches()
+        if ps.x.shape[0] == 0:
+            state.stage_logits.append(state.canvas)
+            state.stage_presence.append(None)
+            return stream
+        out = head(ps.x, ps)
+        flat = state.flat(ps)
+        state.canvas = state.canvas.index_put((flat,), out.logits.to(state.canvas.dtype))
+        state.stage_logits.append(state.canvas)
+        state.stage_presence.append(out.presence)
+        state.add_macs(head.macs(ps.lengths))
+        thr = self.threshold_at(stage, num_aux)
+        if thr >= 1.0 and self.context != "fixed_ratio":
+            return stream
+        conf, cls = head.token_probs(out, ps).max(-1)
+        exits, easy = self._exits(conf, cls, ps, thr, state.num_classes)
+        state.exit_stage = state.exit_stage.index_put(
+            (flat,), torch.where(exits, torch.full_like(flat, stage), state.exit_stage[flat]))
+        keep = torch.ones(stream.x.shape[0], dtype=torch.bool, device=idx.device).index_put((idx,), ~exits)
+        summary = self._summaries(ps, easy, cls, state.num_classes) if self.context in ("average", "avg_topk") else None
+        stream = stream.select(keep)
+        if summary is not None:
+            stream = stream.append(*summary)
+        return stream
+
+    @staticmethod
+    def _summaries(ps: TokenStream, easy: Tensor, cls: Tensor, K: int) -> tuple[Tensor, Tensor]:
+        """One mean token per (image, class) among the tokens graded easy."""
+        G = ps.batch_size * K
+        group = torch.where(easy, ps.batch * K + cls, torch.full_like(cls, G))
+        sums = ps.x.new_zeros(G + 1, ps.x.shape[1]).index_add(0, group, ps.x)[:G]
+        counts = torch.zeros(G + 1, device=cls.device, dtype=ps.x.dtype).index_add_(0, group, torch.ones_like(ps.x[:, 0]))[:G]
+        present = torch.nonzero(counts > 0).squeeze(1)
+        return sums[present] / counts[present, None], present // K
+
+    def finish(self, stream: TokenStream, head: SegHead, norm: nn.Module,
+               state: RunState) -> tuple[Tensor | None, Tensor | None]:
+        _, ps = stream.patches()
+        if ps.x.shape[0] == 0:
+            return None, None
+        out = head(norm(ps.x), ps)
+        state.canvas = state.canvas.index_put((state.flat(ps),), out.logits.to(state.canvas.dtype))
+        state.add_macs(head.macs(ps.lengths))
+        return out.presence, None
+
+
+class DoViT(Policy):
+    """Token pass with separate attention, reconstruction and cls merging (DoViT, Sec. 3.2–3.3)."""
+
+    def __init__(self, threshold: float | Sequence[float] = 1.0, diff_conf: float | None = None,
+                 agg_rate: float = 0.1, merge_cls: bool = True) -> None:
+        super().__init__(threshold)
+        if diff_conf is not None and not 0.0 <= diff_conf <= 1.0:
+            raise ValueError(f"diff_conf must lie in [0, 1] or be null; got {diff_conf}.")
+        if not 0.0 <= agg_rate <= 1.0:
+            raise ValueError(f"agg_rate must lie in [0, 1]; got {agg_rate}.")
+        self.diff_conf, self.agg_rate, self.merge_cls = diff_conf, agg_rate, merge_cls
+
+    @staticmethod
+    def _reconstruct(stream: TokenStream, state: RunState) -> Tensor:
+        """Put active patch tokens back at their grid positions over the stopped tokens' features."""
+        _, ps = stream.patches()
+        if state.buffer is None:
+            state.buffer = ps.x.new_zeros(state.batch_size * state.num_patches, ps.x.shape[1])
+        return state.buffer.index_put((state.flat(ps),), ps.x)
+
+    def stage_end(self, stage: int, num_aux: int, stream: TokenStream, head: SegHead,
+                  state: RunState) -> TokenStream:
+        full = self._reconstruct(stream, state)
+        fs = state.full_stream(full)
+        out = head(full, fs)
+        state.buffer = full
+        state.stage_logits.append(out.logits.to(state.canvas.dtype))
+        state.stage_presence.append(out.presence)
+        state.add_macs(head.macs(fs.lengths))
+        thr = self.threshold_at(stage, num_aux)
+        if thr >= 1.0 and self.diff_conf is None:
+            return stream
+        conf = head.token_probs(out, fs).max(-1).values
+        stop = conf > thr
+        if self.diff_conf is not None:
+            stop = stop | (conf < self.diff_conf)
+        stopped_before = state.stopped if state.stopped is not None else torch.zeros_like(stop)
+        state.stopped = stopped_before | stop
+        state.exit_stage = torch.where(state.stopped & ~stopped_before, stage, state.exit_stage)
+        patch = stream.pos >= 0
+        keep = ~patch | ~state.stopped[state.flat(stream).clamp(min=0)]
+        stream = stream.select(keep)
+        if self.merge_cls and state.has_cls:
+            stream = self._merge_cls(stream, full, state)
+        return stream
+
+    def _merge_cls(self, stream: TokenStream, full: Tensor, state: RunState) -> TokenStream:
+        """Eq. 8: cls ← ½(cls + mean of stopped tokens), once more than ``agg_rate`` have stopped."""
+        B, N = state.batch_size, state.num_patches
+        stopped = state.stopped.view(B, N)
+        count = stopped.sum(1)
+        mean = (full.view(B, N, -1) * stopped[..., None].to(full.dtype)).sum(1) / count.clamp(min=1)[:, None]
+        first = stream.cu_seqlens[:-1].long()
+        cls = stream.x[first]
+        merged = torch.where((count.float() / N > self.agg_rate)[:, None], 0.5 * (cls + mean.to(cls.dtype)), cls)
+        return stream.with_x(stream.x.index_put((first,), merged))
+
+    def finish(self, stream: TokenStream, head: SegHead, norm: nn.Module,
+               state: RunState) -> tuple[Tensor | None, Tensor | None]:
+        full = self._reconstruct(stream, state)
+        fs = state.full_stream(full)
+        out = head(norm(full), fs)
+        state.canvas = out.logits.to(state.canvas.dtype)
+        state.add_macs(head.macs(fs.lengths))
+        return out.presence, full

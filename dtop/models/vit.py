@@ -1,0 +1,133 @@
+"""The backbone: any timm plain ViT, built with dynamic image size and optional local weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor, nn
+
+
+class WeightsError(RuntimeError):
+    """A weights file that is missing, unreadable or does not fit the backbone."""
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise WeightsError(f"Backbone weights not found: {path}. Pass an existing file as model.backbone.weights.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any reader failure means the same thing to the user
+        raise WeightsError(f"Could not read backbone weights {path} ({type(err).__name__}: {err}). "
+                           "Is the file complete? Re-copy or re-export it.") from err
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    return {k.removeprefix("backbone.").removeprefix("module."): v for k, v in state.items()}
+
+
+class ViTBackbone(nn.Module):
+    """A timm VisionTransformer whose blocks the pruning engine drives one by one.
+
+    The model is created with ``dynamic_img_size=True`` so any input whose sides are multiples of
+    the patch size works; the position embedding is resampled to the input grid on the fly.
+    """
+
+    def __init__(
+        self,
+        name: str = "vit_tiny_patch16_224",
+        img_size: tuple[int, int] | int = 224,
+        pretrained: bool = False,
+        weights: str | None = None,
+        drop_path_rate: float = 0.0,
+        **model_kwargs,
+    ) -> None:
+        super().__init__()
+        vit = timm.create_model(
+            name,
+            pretrained=pretrained,
+            num_classes=0,
+            global_pool="",
+            img_size=img_size,
+            dynamic_img_size=True,
+            drop_path_rate=drop_path_rate,
+            **model_kwargs,
+        )
+        if not isinstance(vit, VisionTransformer) or not all(type(b) is Block for b in vit.blocks):
+            raise ValueError(f"{name!r} is not a plain timm ViT (VisionTransformer with standard Blocks); "
+                             "token pruning needs one, e.g. vit_base_patch16_224, deit_small_patch16_224, "
+                             "vit_small_patch14_dinov2.")
+        self.vit = vit
+        self.name = name
+        if weights:
+            self.load_weights(weights)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.vit.embed_dim
+
+    @property
+    def depth(self) -> int:
+        return len(self.vit.blocks)
+
+    @property
+    def num_heads(self) -> int:
+        return self.vit.blocks[0].attn.num_heads
+
+    @property
+    def patch_size(self) -> int:
+        return self.vit.patch_embed.patch_size[0]
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.vit.num_prefix_tokens
+
+    @property
+    def has_cls_token(self) -> bool:
+        return self.vit.cls_token is not None
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.vit.blocks
+
+    @property
+    def norm(self) -> nn.Module:
+        return self.vit.norm
+
+    def load_weights(self, path: str | Path) -> None:
+        """Load a timm-format checkpoint, resampling ``pos_embed`` to this model's grid."""
+        path = Path(path)
+        state = _read_state_dict(path)
+        own = self.vit.state_dict()
+        if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
+            prefix = 0 if self.vit.no_embed_class else self.num_prefix_tokens
+            state["pos_embed"] = resample_abs_pos_embed(
+                state["pos_embed"].float(),
+                new_size=list(self.vit.patch_embed.grid_size),
+                num_prefix_tokens=prefix,
+            )
+        state = {k: v for k, v in state.items() if not k.startswith("head.") and not k.startswith("fc_norm.")}
+        missing, unexpected = self.vit.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
+        if missing or unexpected:
+            raise WeightsError(f"Weights {path} do not fit backbone {self.name!r}: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}. Check model.backbone.name matches the checkpoint.")
+        bad = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+        if bad:
+            raise WeightsError(f"Shape mismatch for {bad[:5]} loading {path}.")
+
+    def embed(self, images: Tensor) -> Tensor:
+        """Patch-embed and add positions: [B, 3, H, W] → [B, prefix + h·w, C]."""
+        vit = self.vit
+        x = vit.patch_embed(images)
+        x = vit._pos_embed(x)
+        x = vit.patch_drop(x)
+        return vit.norm_pre(x)
