@@ -74,7 +74,9 @@ def convert_one(stem: Path, source: str) -> Path:
         with Image.open(ids_png) as img:
             label_ids = np.array(img)
         if label_ids.ndim != 2 or label_ids.dtype != np.uint8:
-            raise ValueError(f"{ids_png}: expected an 8-bit single-channel labelIds PNG, got {label_ids.dtype} {label_ids.shape}")
+            raise ValueError(
+                f"{ids_png}: expected an 8-bit single-channel labelIds PNG, got {label_ids.dtype} {label_ids.shape}"
+            )
     elif source in ("auto", "polygons") and poly_json.is_file():
         label_ids = polygons_to_labelids(json.loads(poly_json.read_text()), str(poly_json))
     else:

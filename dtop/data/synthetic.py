@@ -55,16 +55,17 @@ def _building_colours(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def _value_noise(rng: np.random.Generator, h: int, w: int, cell: int) -> np.ndarray:
-    """Smooth noise in roughly [-1, 1]: bilinear upsampling of a coarse random grid."""
+    """Smooth noise in [-1, 1]: separable bilinear upsampling of a coarse random grid.
+
+    Deliberately no matmul: BLAS threads oversubscribe busy CPUs and DataLoader workers.
+    """
     gh, gw = h // cell + 2, w // cell + 2
     grid = rng.uniform(-1.0, 1.0, (gh, gw)).astype(np.float32)
-    y = np.arange(h, dtype=np.float32) / cell
-    x = np.arange(w, dtype=np.float32) / cell
+    y, x = np.arange(h, dtype=np.float32) / cell, np.arange(w, dtype=np.float32) / cell
     y0, x0 = y.astype(np.int64), x.astype(np.int64)
-    fy, fx = (y - y0)[:, None], (x - x0)[None, :]
-    top = grid[y0][:, x0] * (1 - fx) + grid[y0][:, x0 + 1] * fx
-    bottom = grid[y0 + 1][:, x0] * (1 - fx) + grid[y0 + 1][:, x0 + 1] * fx
-    return top * (1 - fy) + bottom * fy
+    fy, fx = (y - y0)[:, None], x - x0
+    rows = grid[y0] * (1 - fy) + grid[y0 + 1] * fy  # [h, gw]
+    return rows[:, x0] * (1 - fx) + rows[:, x0 + 1] * fx
 
 
 def _col(rgb: np.ndarray | Sequence[float]) -> np.ndarray:
@@ -127,7 +128,7 @@ def render_scene(seed: int, index: int, height: int, width: int) -> tuple[np.nda
     ends = np.cumsum(widths)
     seg = np.searchsorted(ends, xi[0], side="right")  # facade index of every column
     tops = np.maximum(1, horizon - (h * rng.uniform(0.12, 0.32, n_seg)).astype(np.int64))[seg]
-    colours = _building_colours(rng, n_seg)[seg].T[:, None, :]  # [3, 1, W]
+    colours = np.ascontiguousarray(_building_colours(rng, n_seg)[seg].T[:, None, :])  # [3, 1, W]
     period = np.maximum(3, (rng.integers(6, 11, (2, n_seg)) * sc).astype(np.int64))
     opening = np.maximum(1, (period * rng.uniform(0.4, 0.65, (2, n_seg))).astype(np.int64))
     lit = np.where(rng.random(n_seg) < 0.7, rng.uniform(0.45, 0.7, n_seg), rng.uniform(1.25, 1.5, n_seg))

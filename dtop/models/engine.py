@@ -7,8 +7,9 @@ is left → assemble every token's logits into one map.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -138,6 +139,32 @@ class Segmentor(nn.Module):
             input_size=input_size,
             padded_size=padded_size,
         )
+
+    @contextmanager
+    def dense_mode(self) -> Iterator[None]:
+        """Temporarily switch pruning off: the same model and heads, every token to the end."""
+        before = self.policy.enabled
+        self.policy.enabled = False
+        try:
+            yield
+        finally:
+            self.policy.enabled = before
+
+    def dense_macs(self, height: int, width: int) -> tuple[float, float]:
+        """Analytic (macs, macs_linear) of the unpruned model for one H×W image."""
+        p = self.backbone.patch_size
+        N = -(-height // p) * (-(-width // p))
+        n_all = torch.tensor([N + self.backbone.num_prefix_tokens])
+        n = torch.tensor([N])
+        total = float(patch_embed_macs(N, p, 3, self.backbone.embed_dim))
+        macs, lin = torch.tensor([total], dtype=torch.float64), torch.tensor([total], dtype=torch.float64)
+        for block in self.backbone.blocks:
+            a, b = block_macs(block, n_all)
+            macs, lin = macs + a, lin + b
+        for head in [*self.aux_heads, self.decode_head]:
+            a, b = head.macs(n)
+            macs, lin = macs + a, lin + b
+        return float(macs), float(lin)
 
     def upsample(self, logits: Tensor, out: SegOutput, size: tuple[int, int] | None = None) -> Tensor:
         """Token-grid logits → the input's pixels (crop the padding), then optionally to ``size``."""

@@ -91,6 +91,7 @@ class Policy(nn.Module):
     def __init__(self, threshold: float | Sequence[float]) -> None:
         super().__init__()
         self.threshold = _thresholds(threshold)
+        self.enabled = True  # False: run the same heads and assembly, but never prune (the dense model)
 
     def set_threshold(self, threshold: float | Sequence[float]) -> None:
         self.threshold = _thresholds(threshold)
@@ -151,7 +152,7 @@ class DToP(Policy):
         state.stage_presence.append(out.presence)
         state.add_macs(head.macs(ps.lengths))
         thr = self.threshold_at(stage, num_aux)
-        if thr >= 1.0 and self.context != "fixed_ratio":
+        if not self.enabled or (thr >= 1.0 and self.context != "fixed_ratio"):
             return stream
         conf, cls = head.token_probs(out, ps).max(-1)
         exits, easy = self._exits(conf, cls, ps, thr, state.num_classes)
@@ -215,7 +216,7 @@ class DoViT(Policy):
         state.stage_presence.append(out.presence)
         state.add_macs(head.macs(fs.lengths))
         thr = self.threshold_at(stage, num_aux)
-        if thr >= 1.0 and self.diff_conf is None:
+        if not self.enabled or (thr >= 1.0 and self.diff_conf is None):
             return stream
         conf = head.token_probs(out, fs).max(-1).values
         stop = conf > thr

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dtop.data.datasets.filelist import SampleFiles, pair_files
-from dtop.data.datasets.module import FileListDataModule
+from dtop.data.datasets.datamodule import FileListDataModule
 
 __all__ = ["ADE20K_CLASSES", "ADE20K_PALETTE", "ADE20KDataModule"]
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import ClassVar
 
 from dtop.data.datasets.filelist import DatasetLayoutError, SampleFiles
-from dtop.data.datasets.module import FileListDataModule, check_exist, read_list_file
+from dtop.data.datasets.datamodule import FileListDataModule, check_exist, read_list_file
 
 __all__ = ["CAMVID_CLASSES", "CAMVID_PALETTE", "CamVidDataModule"]
 
@@ -37,7 +39,7 @@ class CamVidDataModule(FileListDataModule):
     num_classes = 11
     class_names = CAMVID_CLASSES
     palette = CAMVID_PALETTE
-    label_map = {11: 255}
+    label_map: ClassVar[Mapping[int, int]] = {11: 255}
     train_split, val_split = "train", "val"
     default_scale = (360, 480)
     default_crop_size = (360, 480)

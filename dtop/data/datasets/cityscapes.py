@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dtop.data.datasets.filelist import SampleFiles, pair_files
-from dtop.data.datasets.module import FileListDataModule
+from dtop.data.datasets.datamodule import FileListDataModule
 
 __all__ = ["CITYSCAPES_CLASSES", "CITYSCAPES_PALETTE", "CityscapesDataModule"]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dtop.data.datasets.filelist import SampleFiles, pair_files
-from dtop.data.datasets.module import FileListDataModule
+from dtop.data.datasets.datamodule import FileListDataModule
 
 __all__ = ["COCOSTUFF_CLASSES", "COCOSTUFF_PALETTE", "CocoStuff10kDataModule"]
 
@@ -90,5 +90,9 @@ class CocoStuff10kDataModule(FileListDataModule):
 
     def list_split(self, split: str) -> list[SampleFiles]:
         return pair_files(
-            self.root / "images" / split, ".jpg", self.root / "annotations" / split, "_labelTrainIds.png", self.layout_help
+            self.root / "images" / split,
+            ".jpg",
+            self.root / "annotations" / split,
+            "_labelTrainIds.png",
+            self.layout_help,
         )

@@ -18,7 +18,15 @@ from torchvision import tv_tensors
 
 from dtop.data.transforms import JointTransform
 
-__all__ = ["DatasetLayoutError", "SampleFiles", "SegFileDataset", "make_label_lut", "pair_files", "read_image", "read_label"]
+__all__ = [
+    "DatasetLayoutError",
+    "SampleFiles",
+    "SegFileDataset",
+    "make_label_lut",
+    "pair_files",
+    "read_image",
+    "read_label",
+]
 
 _16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
@@ -124,7 +132,7 @@ class SegFileDataset(Dataset[dict[str, Any]]):
     """Samples ``{"image", "label", "id"}`` from a list of image/label files.
 
     Labels go through ``lut`` (see :func:`make_label_lut`) and are then checked to lie in
-    ``[0, num_classes) ∪ {ignore_index}`` on every read (cheap on uint8), so a wrong
+    ``[0, num_classes)`` or equal ``ignore_index`` on every read (cheap on uint8), so a wrong
     conversion fails loudly with the file name instead of corrupting the metric.
     """
 

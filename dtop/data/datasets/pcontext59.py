@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dtop.data.datasets.filelist import SampleFiles
-from dtop.data.datasets.module import FileListDataModule, check_exist, read_list_file
+from dtop.data.datasets.datamodule import FileListDataModule, check_exist, read_list_file
 
 __all__ = ["PCONTEXT59_CLASSES", "PCONTEXT59_PALETTE", "PascalContext59DataModule"]
 

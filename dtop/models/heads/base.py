@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from dtop.losses import cross_entropy
 from dtop.models.packed import TokenStream
 
 
@@ -38,6 +39,11 @@ class SegHead(nn.Module):
     def scores(self, logits: Tensor, presence: Tensor | None) -> Tensor:
         """Per-pixel class scores [B, K, H, W] from an assembled logit map; argmax is the prediction."""
         return logits
+
+    def loss(self, logits: Tensor, presence: Tensor | None, target: Tensor,
+             ignore_index: int = 255) -> dict[str, Tensor]:
+        """Training loss terms for an assembled logit map already resized to the label size."""
+        return {"ce": cross_entropy(logits, target, ignore_index)}
 
     def macs(self, n: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
         """Multiply-accumulates for ``n`` tokens per image: (all, linear/conv only)."""

@@ -10,15 +10,16 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import ClassVar
 
-from dtop.data.base import EVAL_MODES, SegDataModule
+from dtop.data.base import SegDataModule
 from dtop.data.datasets.filelist import DatasetLayoutError, SampleFiles, SegFileDataset, make_label_lut
 from dtop.data.transforms import JointTransform, build_eval_transform, build_train_transform
 
 __all__ = ["FileListDataModule", "check_exist", "read_list_file"]
 
 
-def _opt_pair(value: Sequence[int] | None, default: tuple[int, int] | None) -> tuple[int, int] | None:
+def _or_default(value: Sequence[int] | None, default: tuple[int, int]) -> tuple[int, int]:
     return default if value is None else (int(value[0]), int(value[1]))
 
 
@@ -61,7 +62,7 @@ class FileListDataModule(SegDataModule, ABC):
     name: str
     layout: str
     reduce_zero_label: bool = False
-    label_map: Mapping[int, int] | None = None
+    label_map: ClassVar[Mapping[int, int] | None] = None
     train_split: str
     val_split: str
     default_scale: tuple[int, int]
@@ -89,17 +90,17 @@ class FileListDataModule(SegDataModule, ABC):
     ) -> None:
         super().__init__(batch_size, val_batch_size, num_workers, pin_memory, seed)
         self.root = Path(root).expanduser()
-        self.scale = _opt_pair(scale, self.default_scale)
-        self.crop_size = _opt_pair(crop_size, self.default_crop_size)
-        self.stride = _opt_pair(stride, self.default_stride)
+        self.scale = _or_default(scale, self.default_scale)
+        self.crop_size: tuple[int, int] = _or_default(crop_size, self.default_crop_size)
+        self.stride: tuple[int, int] = _or_default(stride, self.default_stride)
         self.eval_mode = eval_mode or self.default_eval_mode
         self.test_split = test_split
-        if self.eval_mode not in EVAL_MODES:
-            raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got {self.eval_mode!r}")
         self.train_transform = build_train_transform(
             self.scale, self.crop_size, ratio_range, cat_max_ratio, flip_prob, photometric, self.ignore_index
         )
         self.eval_transform = build_eval_transform(self.scale)
+        if any(not 0 < s <= c for s, c in zip(self.stride, self.crop_size, strict=True)):
+            raise ValueError(f"stride must be positive and <= crop_size {self.crop_size}, got {self.stride}")
         self.lut = make_label_lut(self.reduce_zero_label, self.label_map, self.ignore_index)
         self.validate_metadata()
 

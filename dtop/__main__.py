@@ -1,0 +1,3 @@
+from dtop.cli.train import main
+
+main()

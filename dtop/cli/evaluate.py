@@ -1,0 +1,31 @@
+"""``dtop-eval ckpt_path=...``: evaluate a checkpoint at the configured threshold (multirun-friendly)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+from dtop.cli.common import CONFIG_PATH, build, evaluate_checkpoint, make_trainer, print_config_tree, print_summary
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    L.seed_everything(cfg.seed, workers=True)
+    print_config_tree(cfg, cfg.paths.output_dir)
+    dm, module = build(cfg)
+    trainer = make_trainer(cfg)
+    metrics = evaluate_checkpoint(cfg, dm, module, trainer, cfg.ckpt_path, cfg.get("eval_dense", False))
+    print_summary(metrics, title=f"dtop-eval · {Path(cfg.paths.output_dir).name}")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
+def main(cfg: DictConfig) -> float:
+    return evaluate(cfg)["mIoU"]
+
+
+if __name__ == "__main__":
+    main()

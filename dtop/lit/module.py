@@ -1,0 +1,264 @@
+"""One LightningModule: the token-pruning segmentor, its losses, its optimiser and its evaluation."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from dtop.losses import feature_mse, kl_distillation, resize_to
+from dtop.metrics import SegMetrics, format_metrics
+from dtop.models.engine import SegOutput, Segmentor
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the configured model."""
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint not found: {path}. Pass ckpt_path=<run dir>/checkpoints/last.ckpt or best.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - every read failure means the same to the user
+        raise CheckpointError(f"Checkpoint {path} is unreadable or truncated ({type(err).__name__}: {err}). "
+                              "Use another checkpoint (e.g. last.ckpt vs the best one) or re-train.") from err
+
+
+def model_state(ckpt: dict[str, Any], path: str | Path) -> dict[str, Tensor]:
+    """The segmentor's weights from a Lightning checkpoint of :class:`SegModule`."""
+    state = ckpt.get("state_dict")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a dtop Lightning checkpoint (no 'state_dict').")
+    return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+
+
+def load_model_weights(model: nn.Module, ckpt_path: str | Path) -> None:
+    state = model_state(read_checkpoint(ckpt_path), ckpt_path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt_path} does not fit the configured model (missing {missing[:4]}, unexpected "
+                              f"{unexpected[:4]}). Compose the same model/experiment as at training "
+                              "(see the run's .hydra/overrides.yaml).")
+
+
+class SegModule(L.LightningModule):
+    """Trains with CE on the assembled map + α·Σ aux CE (+ β·KL to a frozen dense teacher)."""
+
+    def __init__(
+        self,
+        model: Segmentor,
+        num_classes: int,
+        ignore_index: int = 255,
+        lr: float = 1e-3,
+        head_lr_mult: float = 10.0,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        optimizer: str = "adamw",
+        momentum: float = 0.9,
+        warmup_iters: int = 0,
+        warmup_ratio: float = 1e-6,
+        poly_power: float = 0.9,
+        min_lr: float = 0.0,
+        aux_weight: float = 0.4,
+        kl_weight: float = 0.0,
+        mse_weight: float = 0.0,
+        teacher_ckpt: str | None = None,
+        init_ckpt: str | None = None,
+        trainable: str = "all",
+        eval_mode: str = "whole",
+        crop_size: tuple[int, int] | None = None,
+        stride: tuple[int, int] | None = None,
+        class_names: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        if trainable not in ("all", "heads"):
+            raise ValueError(f"trainable must be 'all' or 'heads', got {trainable!r}.")
+        if eval_mode not in ("whole", "slide"):
+            raise ValueError(f"eval_mode must be 'whole' or 'slide', got {eval_mode!r}.")
+        if model.num_classes != num_classes:
+            raise ValueError(f"Model predicts {model.num_classes} classes but the data has {num_classes}.")
+        self.model = model
+        if init_ckpt:
+            load_model_weights(self.model, init_ckpt)
+        if trainable == "heads":
+            self.model.backbone.requires_grad_(False)
+        self._teacher: list[Segmentor] = []  # a list keeps it out of state_dict, optimiser and DDP
+        if kl_weight > 0 or mse_weight > 0:
+            if not teacher_ckpt:
+                raise ValueError("kl_weight/mse_weight > 0 need model teacher: set module.teacher_ckpt to a dense checkpoint.")
+            teacher = copy.deepcopy(model)
+            teacher.policy.enabled = False
+            load_model_weights(teacher, teacher_ckpt)
+            teacher.requires_grad_(False).eval()
+            self._teacher.append(teacher)
+        self.val_metrics = SegMetrics(num_classes, ignore_index)
+        self.test_metrics = SegMetrics(num_classes, ignore_index)
+        self.per_image: list[dict[str, Any]] = []
+        self.last_eval: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- training
+    def on_fit_start(self) -> None:
+        for teacher in self._teacher:
+            teacher.to(self.device)
+
+    def _loss(self, out: SegOutput, target: Tensor, images: Tensor) -> dict[str, Tensor]:
+        hp = self.hparams
+        size = tuple(target.shape[-2:])
+        head = self.model.decode_head
+        terms = {f"decode/{k}": v for k, v in head.loss(resize_to(self.model.upsample(out.logits, out), size),
+                                                         out.presence, target, hp.ignore_index).items()}
+        for i, (logits, presence) in enumerate(zip(out.stage_logits, out.stage_presence)):
+            aux_terms = self.model.aux_heads[i].loss(resize_to(self.model.upsample(logits, out), size), presence,
+                                                     target, hp.ignore_index)
+            terms.update({f"aux{i}/{k}": hp.aux_weight * v for k, v in aux_terms.items()})
+        if self._teacher:
+            teacher = self._teacher[0]
+            teacher.eval()
+            with torch.no_grad():
+                t_out = teacher(images)
+            if hp.kl_weight > 0:
+                s_up = resize_to(self.model.upsample(out.logits, out), size)
+                t_up = resize_to(teacher.upsample(t_out.logits, t_out), size)
+                terms["kl"] = hp.kl_weight * kl_distillation(s_up, t_up, target, hp.ignore_index)
+            if hp.mse_weight > 0 and out.features is not None and t_out.features is not None:
+                terms["mse"] = hp.mse_weight * feature_mse(out.features, t_out.features)
+        return terms
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        images, target = batch["image"], batch["label"]
+        out = self.model(images)
+        terms = self._loss(out, target, images)
+        loss = torch.stack(list(terms.values())).sum()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"Non-finite loss at step {self.global_step}: "
+                                     f"{ {k: float(v) for k, v in terms.items()} }. Lower the learning rate.")
+        B = images.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=B)
+        self.log_dict({f"train/{k}": v for k, v in terms.items()}, batch_size=B)
+        keep = out.stats["tokens_per_stage"].float().mean(0) / out.stats["tokens_per_stage"][:, 0].float().mean()
+        self.log_dict({f"train/keep_s{i}": k for i, k in enumerate(keep)}, batch_size=B)
+        self.log("train/gmacs", out.stats["macs"].mean() / 1e9, batch_size=B)
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            is_head = not name.startswith("backbone.")
+            no_decay = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token"))
+            groups.setdefault((is_head, no_decay), []).append(p)
+        param_groups = [{"params": ps, "lr": hp.lr * (hp.head_lr_mult if head else 1.0),
+                         "weight_decay": 0.0 if nd else hp.weight_decay} for (head, nd), ps in groups.items()]
+        if hp.optimizer == "adamw":
+            opt = torch.optim.AdamW(param_groups, lr=hp.lr, betas=tuple(hp.betas))
+        elif hp.optimizer == "sgd":
+            opt = torch.optim.SGD(param_groups, lr=hp.lr, momentum=hp.momentum)
+        else:
+            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {hp.optimizer!r}.")
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self.lr_factor(step, total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def lr_factor(self, step: int, total: int) -> float:
+        """Linear warmup from ``warmup_ratio`` then poly decay to ``min_lr`` (mmseg's iteration schedule)."""
+        hp = self.hparams
+        floor = hp.min_lr / hp.lr if hp.lr > 0 else 0.0
+        poly = (1 - floor) * (1 - min(step, total) / total) ** hp.poly_power + floor
+        if step < hp.warmup_iters:
+            k = hp.warmup_ratio + (1 - hp.warmup_ratio) * step / hp.warmup_iters
+            return poly * k
+        return poly
+
+    # -------------------------------------------------------------- evaluation
+    def _infer(self, images: Tensor, size: tuple[int, int]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Pixel scores at ``size`` plus per-image stats summed over slide windows."""
+        hp = self.hparams
+        collected: list[dict[str, Tensor]] = []
+
+        def forward(crop: Tensor) -> Tensor:
+            s, o = self.model.predict(crop)
+            dense, dense_lin = self.model.dense_macs(*crop.shape[-2:])
+            o.stats["macs_dense"] = torch.full_like(o.stats["macs"], dense)
+            o.stats["macs_linear_dense"] = torch.full_like(o.stats["macs"], dense_lin)
+            collected.append(o.stats)
+            return s
+
+        if hp.eval_mode == "whole" or hp.crop_size is None:
+            scores = forward(images)
+            return resize_to(scores, size), collected[0]
+        from dtop.inference import slide_inference
+
+        scores = slide_inference(forward, images, self.model.num_classes, tuple(hp.crop_size), tuple(hp.stride))
+        keys = ("tokens_per_stage", "exits_per_stage", "exits_per_class", "macs", "macs_linear", "macs_dense",
+                "macs_linear_dense")
+        stats = {k: torch.stack([c[k] for c in collected]).sum(0) for k in keys}
+        return resize_to(scores, size), stats
+
+    def _eval_step(self, batch: dict[str, Any], metrics: SegMetrics) -> None:
+        images, target = batch["image"], batch["label"]
+        scores, stats = self._infer(images, tuple(target.shape[-2:]))
+        pred = scores.argmax(1)
+        metrics.update(pred, target)
+        valid = target != self.hparams.ignore_index
+        correct = ((pred == target) & valid).flatten(1).sum(1).float()
+        pix_acc = (100 * correct / valid.flatten(1).sum(1).clamp(min=1)).tolist()
+        tokens = stats["tokens_per_stage"].tolist()
+        exits = stats["exits_per_stage"].tolist()
+        gm = {k: (stats[f"macs{k}"] / 1e9).tolist() for k in ("", "_linear", "_dense", "_linear_dense")}
+        for i, image_id in enumerate(batch["id"]):
+            row: dict[str, Any] = {"image_id": image_id, **{f"gmacs{k}": v[i] for k, v in gm.items()},
+                                   "pixel_acc": pix_acc[i]}
+            row.update({f"tokens_s{s}": t for s, t in enumerate(tokens[i])})
+            row.update({f"exits_s{s}": e for s, e in enumerate(exits[i])})
+            self.per_image.append(row)
+
+    def on_validation_epoch_start(self) -> None:
+        self.per_image = []
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish_eval(self.val_metrics, "val")
+
+    def on_test_epoch_start(self) -> None:
+        self.per_image = []
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_eval(self.test_metrics, "test")
+
+    def _finish_eval(self, metrics: SegMetrics, prefix: str) -> None:
+        result = format_metrics(metrics.compute())
+        metrics.reset()
+        summary = summarize_per_image(self.per_image, self.model.num_stages)
+        result.update(summary)
+        self.last_eval = result
+        scalars = {f"{prefix}/{k}": float(v) for k, v in result.items() if isinstance(v, (int, float))}
+        self.log_dict(scalars, sync_dist=False)
+
+
+def summarize_per_image(rows: list[dict[str, Any]], num_stages: int) -> dict[str, Any]:
+    """Mean GMACs, tokens and keep ratios over the evaluated images (plus the dense reference)."""
+    if not rows:
+        return {"images": 0}
+    n = len(rows)
+    tokens = [sum(r[f"tokens_s{s}"] for r in rows) / n for s in range(num_stages)]
+    out: dict[str, Any] = {"images": n}
+    for key in ("gmacs", "gmacs_linear", "gmacs_dense", "gmacs_linear_dense"):
+        out[key] = round(sum(r[key] for r in rows) / n, 4)
+    out["tokens_per_stage"] = [round(t, 2) for t in tokens]
+    out["keep_ratio_per_stage"] = [round(t / tokens[0], 4) if tokens[0] else math.nan for t in tokens]
+    return out
