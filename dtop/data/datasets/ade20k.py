@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dtop.data.datasets.filelist import SampleFiles, pair_files
 from dtop.data.datasets.datamodule import FileListDataModule
+from dtop.data.datasets.filelist import SampleFiles, pair_files
 
 __all__ = ["ADE20K_CLASSES", "ADE20K_PALETTE", "ADE20KDataModule"]
 
@@ -76,7 +76,6 @@ class ADE20KDataModule(FileListDataModule):
     train_split, val_split = "training", "validation"
     default_scale = (512, 2048)
     default_crop_size = (512, 512)
-    default_stride = (341, 341)
 
     def list_split(self, split: str) -> list[SampleFiles]:
         return pair_files(

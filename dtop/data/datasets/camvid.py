@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
 
-from dtop.data.datasets.filelist import DatasetLayoutError, SampleFiles
 from dtop.data.datasets.datamodule import FileListDataModule, check_exist, read_list_file
+from dtop.data.datasets.filelist import DatasetLayoutError, SampleFiles
 
 __all__ = ["CAMVID_CLASSES", "CAMVID_PALETTE", "CamVidDataModule"]
 
@@ -43,7 +43,6 @@ class CamVidDataModule(FileListDataModule):
     train_split, val_split = "train", "val"
     default_scale = (360, 480)
     default_crop_size = (360, 480)
-    default_stride = (240, 320)
     default_eval_mode = "whole"
 
     def _resolve(self, entry: str) -> Path:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dtop.data.datasets.filelist import SampleFiles, pair_files
 from dtop.data.datasets.datamodule import FileListDataModule
+from dtop.data.datasets.filelist import SampleFiles, pair_files
 
 __all__ = ["CITYSCAPES_CLASSES", "CITYSCAPES_PALETTE", "CityscapesDataModule"]
 
@@ -42,7 +42,6 @@ class CityscapesDataModule(FileListDataModule):
     train_split, val_split = "train", "val"
     default_scale = (1024, 2048)
     default_crop_size = (512, 1024)
-    default_stride = (341, 683)
 
     def list_split(self, split: str) -> list[SampleFiles]:
         return pair_files(

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dtop.data.datasets.filelist import SampleFiles, pair_files
 from dtop.data.datasets.datamodule import FileListDataModule
+from dtop.data.datasets.filelist import SampleFiles, pair_files
 
 __all__ = ["COCOSTUFF_CLASSES", "COCOSTUFF_PALETTE", "CocoStuff10kDataModule"]
 
@@ -86,7 +86,6 @@ class CocoStuff10kDataModule(FileListDataModule):
     train_split, val_split = "train2014", "test2014"
     default_scale = (512, 2048)
     default_crop_size = (512, 512)
-    default_stride = (341, 341)
 
     def list_split(self, split: str) -> list[SampleFiles]:
         return pair_files(

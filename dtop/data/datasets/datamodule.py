@@ -54,7 +54,8 @@ class FileListDataModule(SegDataModule, ABC):
         crop_size: train crop, also the slide-inference window.
         ratio_range, cat_max_ratio, flip_prob, photometric: train augmentation (mmseg semantics).
         eval_mode: "whole" or "slide" inference for val/test.
-        stride: slide-inference stride.
+        stride: slide-inference stride; default ``round(2/3 * crop_size)``, mmseg's usual
+            overlap (512 -> 341, 480 -> 320, 768 -> 512, 1024 -> 683).
         test_split: a labelled split to build ``test_dataset`` from (e.g. CamVid "test");
             without it ``trainer.test`` runs on the val split.
     """
@@ -67,7 +68,6 @@ class FileListDataModule(SegDataModule, ABC):
     val_split: str
     default_scale: tuple[int, int]
     default_crop_size: tuple[int, int]
-    default_stride: tuple[int, int]
     default_eval_mode: str = "slide"
 
     def __init__(
@@ -92,7 +92,9 @@ class FileListDataModule(SegDataModule, ABC):
         self.root = Path(root).expanduser()
         self.scale = _or_default(scale, self.default_scale)
         self.crop_size: tuple[int, int] = _or_default(crop_size, self.default_crop_size)
-        self.stride: tuple[int, int] = _or_default(stride, self.default_stride)
+        self.stride: tuple[int, int] = _or_default(
+            stride, (round(2 * self.crop_size[0] / 3), round(2 * self.crop_size[1] / 3))
+        )
         self.eval_mode = eval_mode or self.default_eval_mode
         self.test_split = test_split
         self.train_transform = build_train_transform(

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dtop.data.datasets.filelist import SampleFiles
 from dtop.data.datasets.datamodule import FileListDataModule, check_exist, read_list_file
+from dtop.data.datasets.filelist import SampleFiles
 
 __all__ = ["PCONTEXT59_CLASSES", "PCONTEXT59_PALETTE", "PascalContext59DataModule"]
 
@@ -56,7 +56,6 @@ class PascalContext59DataModule(FileListDataModule):
     train_split, val_split = "train", "val"
     default_scale = (520, 520)
     default_crop_size = (480, 480)
-    default_stride = (320, 320)
 
     def list_split(self, split: str) -> list[SampleFiles]:
         list_file = self.root / "ImageSets" / "SegmentationContext" / f"{split}.txt"
