@@ -278,6 +278,24 @@ def test_image_label_size_mismatch(tmp_path: Path) -> None:
         dm.val_dataset[0]
 
 
+@pytest.mark.parametrize(
+    ("module", "crop", "stride"),
+    [
+        (ADE20KDataModule, (512, 512), (341, 341)),
+        (CityscapesDataModule, (512, 1024), (341, 683)),
+        (CocoStuff10kDataModule, (512, 512), (341, 341)),
+        (PascalContext59DataModule, (480, 480), (320, 320)),
+        (CamVidDataModule, (360, 480), (240, 320)),
+    ],
+)
+def test_default_crop_and_stride_follow_mmseg(
+    tmp_path: Path, module: type[FileListDataModule], crop: tuple[int, int], stride: tuple[int, int]
+) -> None:
+    dm = module(tmp_path, batch_size=1)
+    assert dm.crop_size == crop and dm.stride == stride
+    assert module(tmp_path, batch_size=1, crop_size=(768, 768)).stride == (512, 512)
+
+
 def test_bad_eval_settings_are_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="eval_mode"):
         ADE20KDataModule(tmp_path, batch_size=1, eval_mode="sliding")
@@ -301,13 +319,14 @@ def test_bad_eval_settings_are_rejected(tmp_path: Path) -> None:
 def test_yaml_config_instantiates(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, module: type[FileListDataModule], make: MakeLayout
 ) -> None:
-    cfg = OmegaConf.load(REPO / "conf" / "data" / f"{name}.yaml")
+    top = OmegaConf.create({"seed": 3, "data": OmegaConf.load(REPO / "conf" / "data" / f"{name}.yaml")})
+    cfg = top.data
     monkeypatch.setenv("DTOP_DATA", str(tmp_path))
     root = Path(cfg.root)
     assert tmp_path in root.parents  # ${oc.env:DTOP_DATA,data}/<dataset>
     make(root)
     dm = instantiate(cfg)
-    assert type(dm) is module
+    assert type(dm) is module and dm.seed == 3
     assert dm.crop_size == tuple(cfg.crop_size) and dm.stride == tuple(cfg.stride) and dm.eval_mode == cfg.eval_mode
     assert dm.scale == tuple(cfg.scale)
     dm.setup("validate")

@@ -22,7 +22,7 @@ from dtop.models.macs import block_macs, patch_embed_macs
 
 
 def breakdown(model: Segmentor, height: int, width: int) -> list[tuple[str, float, float]]:
-    """(part, GMACs, GMACs linear) of the dense model for one image, part by part."""
+    """(part, GMACs, GMACs linear) of the dense model at inference (no aux heads) for one image."""
     p = model.backbone.patch_size
     N = -(-height // p) * (-(-width // p))
     n_all = torch.tensor([N + model.backbone.num_prefix_tokens])
@@ -30,10 +30,6 @@ def breakdown(model: Segmentor, height: int, width: int) -> list[tuple[str, floa
     blocks = [block_macs(b, n_all) for b in model.backbone.blocks]
     rows.append((f"{len(blocks)} blocks ({int(n_all)} tokens)", sum(float(a) for a, _ in blocks) / 1e9,
                  sum(float(b) for _, b in blocks) / 1e9))
-    for i, head in enumerate(model.aux_heads):
-        a, b = head.macs(torch.tensor([N]))
-        rows.append((f"aux head {i} after layer {model.prune_layers[i]} ({type(head).__name__})",
-                     float(a) / 1e9, float(b) / 1e9))
     a, b = model.decode_head.macs(torch.tensor([N]))
     rows.append((f"decode head ({type(model.decode_head).__name__})", float(a) / 1e9, float(b) / 1e9))
     return rows

@@ -100,7 +100,7 @@ class Segmentor(nn.Module):
                 stream = block_forward(block, stream)
                 state.add_macs(block_macs(block, lengths))
             start = end
-            if stage < len(self.aux_heads):
+            if stage < len(self.aux_heads) and (self.training or self.policy.prunes_at(stage, len(self.aux_heads))):
                 stream = self.policy.stage_end(stage, len(self.aux_heads), stream, self.aux_heads[stage], state)
         presence, features = self.policy.finish(stream, self.decode_head, self.backbone.norm, state)
         return self._assemble(state, presence, features, (H, W), (Hp, Wp))
@@ -151,7 +151,10 @@ class Segmentor(nn.Module):
             self.policy.enabled = before
 
     def dense_macs(self, height: int, width: int) -> tuple[float, float]:
-        """Analytic (macs, macs_linear) of the unpruned model for one H×W image."""
+        """Analytic (macs, macs_linear) of the unpruned model for one H×W image at inference.
+
+        Without pruning, inference runs no aux head (they only train), as mmseg's dense models.
+        """
         p = self.backbone.patch_size
         N = -(-height // p) * (-(-width // p))
         n_all = torch.tensor([N + self.backbone.num_prefix_tokens])
@@ -161,9 +164,8 @@ class Segmentor(nn.Module):
         for block in self.backbone.blocks:
             a, b = block_macs(block, n_all)
             macs, lin = macs + a, lin + b
-        for head in [*self.aux_heads, self.decode_head]:
-            a, b = head.macs(n)
-            macs, lin = macs + a, lin + b
+        a, b = self.decode_head.macs(n)
+        macs, lin = macs + a, lin + b
         return float(macs), float(lin)
 
     def upsample(self, logits: Tensor, out: SegOutput, size: tuple[int, int] | None = None) -> Tensor:

@@ -103,6 +103,10 @@ class Policy(nn.Module):
             raise ValueError(f"{len(self.threshold)} per-stage thresholds given for {num_aux} pruning stages.")
         return self.threshold[stage]
 
+    def prunes_at(self, stage: int, num_aux: int) -> bool:
+        """Whether this stage can remove tokens (if not, inference skips its aux head entirely)."""
+        return self.enabled and self.threshold_at(stage, num_aux) < 1.0
+
     def stage_end(self, stage: int, num_aux: int, stream: TokenStream, head: SegHead,
                   state: RunState) -> TokenStream:  # pragma: no cover - interface
         raise NotImplementedError
@@ -117,18 +121,22 @@ class DToP(Policy):
     """Early exit of easy tokens with per-class context (DToP, Sec. 3.2 and 3.4)."""
 
     def __init__(self, threshold: float | Sequence[float] = 1.0, context: str = "topk", k: int = 5,
-                 ratio: float = 0.25) -> None:
+                 ratio: float | Tensor = 0.25) -> None:
         super().__init__(threshold)
         if context not in CONTEXT_POLICIES:
             raise ValueError(f"Unknown context policy {context!r}; choose one of {CONTEXT_POLICIES}.")
-        if k < 0 or not 0.0 <= ratio <= 1.0:
+        if k < 0 or not bool(((torch.as_tensor(ratio) >= 0) & (torch.as_tensor(ratio) <= 1)).all()):
             raise ValueError(f"Need k ≥ 0 and 0 ≤ ratio ≤ 1; got k={k}, ratio={ratio}.")
         self.context, self.k, self.ratio = context, k, ratio
+
+    def prunes_at(self, stage: int, num_aux: int) -> bool:
+        return self.enabled and (self.context == "fixed_ratio" or self.threshold_at(stage, num_aux) < 1.0)
 
     def _exits(self, conf: Tensor, cls: Tensor, ps: TokenStream, thr: float, K: int) -> tuple[Tensor, Tensor]:
         """(tokens that leave the computation, tokens graded easy) among the patch tokens ``ps``."""
         if self.context == "fixed_ratio":
-            quota = (ps.lengths.double() * self.ratio).floor().long()
+            ratio = self.ratio.to(ps.x.device) if isinstance(self.ratio, Tensor) else self.ratio
+            quota = (ps.lengths.double() * ratio).floor().long()
             easy = topk_per_group(ps.batch, conf, F.pad(quota, (0, 1)), ps.batch_size)
             return easy, easy
         easy = conf >= thr
@@ -151,9 +159,9 @@ class DToP(Policy):
         state.stage_logits.append(state.canvas)
         state.stage_presence.append(out.presence)
         state.add_macs(head.macs(ps.lengths))
-        thr = self.threshold_at(stage, num_aux)
-        if not self.enabled or (thr >= 1.0 and self.context != "fixed_ratio"):
+        if not self.prunes_at(stage, num_aux):
             return stream
+        thr = self.threshold_at(stage, num_aux)
         conf, cls = head.token_probs(out, ps).max(-1)
         exits, easy = self._exits(conf, cls, ps, thr, state.num_classes)
         state.exit_stage = state.exit_stage.index_put(
@@ -198,6 +206,9 @@ class DoViT(Policy):
             raise ValueError(f"agg_rate must lie in [0, 1]; got {agg_rate}.")
         self.diff_conf, self.agg_rate, self.merge_cls = diff_conf, agg_rate, merge_cls
 
+    def prunes_at(self, stage: int, num_aux: int) -> bool:
+        return self.enabled and (self.diff_conf is not None or self.threshold_at(stage, num_aux) < 1.0)
+
     @staticmethod
     def _reconstruct(stream: TokenStream, state: RunState) -> Tensor:
         """Put active patch tokens back at their grid positions over the stopped tokens' features."""
@@ -215,9 +226,9 @@ class DoViT(Policy):
         state.stage_logits.append(out.logits.to(state.canvas.dtype))
         state.stage_presence.append(out.presence)
         state.add_macs(head.macs(fs.lengths))
-        thr = self.threshold_at(stage, num_aux)
-        if not self.enabled or (thr >= 1.0 and self.diff_conf is None):
+        if not self.prunes_at(stage, num_aux):
             return stream
+        thr = self.threshold_at(stage, num_aux)
         conf = head.token_probs(out, fs).max(-1).values
         stop = conf > thr
         if self.diff_conf is not None:
