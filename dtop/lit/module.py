@@ -102,6 +102,8 @@ class SegModule(L.LightningModule):
         self.val_metrics = SegMetrics(num_classes, ignore_index)
         self.test_metrics = SegMetrics(num_classes, ignore_index)
         self.per_image: list[dict[str, Any]] = []
+        self.max_visuals = 8  # eval images whose exit maps and predictions are kept for dashboards
+        self.visuals: list[dict[str, Any]] = []
         self.last_eval: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- training
@@ -212,6 +214,11 @@ class SegModule(L.LightningModule):
         valid = target != self.hparams.ignore_index
         correct = ((pred == target) & valid).flatten(1).sum(1).float()
         pix_acc = (100 * correct / valid.flatten(1).sum(1).clamp(min=1)).tolist()
+        for i in range(min(len(batch["id"]), self.max_visuals - len(self.visuals))):
+            if "exit_stage" in stats:
+                self.visuals.append({"id": batch["id"][i], "image": images[i].detach().float().cpu(),
+                                     "label": target[i].cpu(), "pred": pred[i].cpu(),
+                                     "exit_stage": stats["exit_stage"][i].cpu()})
         tokens = stats["tokens_per_stage"].tolist()
         exits = stats["exits_per_stage"].tolist()
         gm = {k: (stats[f"macs{k}"] / 1e9).tolist() for k in ("", "_linear", "_dense", "_linear_dense")}
@@ -223,7 +230,7 @@ class SegModule(L.LightningModule):
             self.per_image.append(row)
 
     def on_validation_epoch_start(self) -> None:
-        self.per_image = []
+        self.per_image, self.visuals = [], []
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics)
@@ -232,7 +239,7 @@ class SegModule(L.LightningModule):
         self._finish_eval(self.val_metrics, "val")
 
     def on_test_epoch_start(self) -> None:
-        self.per_image = []
+        self.per_image, self.visuals = [], []
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics)

@@ -262,3 +262,43 @@ class DoViT(Policy):
         state.canvas = out.logits.to(state.canvas.dtype)
         state.add_macs(head.macs(fs.lengths))
         return out.presence, full
+
+
+class RecordedDecisions(DToP):
+    """DToP driven by given keep masks instead of thresholds: for benchmarks and replaying decisions.
+
+    ``keep[s]`` is a [B, N] bool mask of the patch tokens that stay after aux stage ``s``; the aux
+    heads still run (their cost is part of the method), their grades are just not used.
+    """
+
+    def __init__(self, keep: Sequence[Tensor]) -> None:
+        super().__init__(0.5, context="remove")
+        self.keep = list(keep)
+
+    def prunes_at(self, stage: int, num_aux: int) -> bool:
+        return self.enabled and stage < len(self.keep)
+
+    def _exits(self, conf: Tensor, cls: Tensor, ps: TokenStream, thr: float, K: int) -> tuple[Tensor, Tensor]:
+        stage = self._stage
+        leave = ~self.keep[stage].to(ps.x.device)[ps.batch, ps.pos]
+        return leave, leave
+
+    def stage_end(self, stage: int, num_aux: int, stream: TokenStream, head: SegHead,
+                  state: RunState) -> TokenStream:
+        self._stage = stage
+        return super().stage_end(stage, num_aux, stream, head, state)
+
+
+def random_keep_masks(batch: int, num_patches: int, keep: Sequence[float], spread: float,
+                      generator: torch.Generator | None = None) -> list[Tensor]:
+    """Nested random keep masks with per-image cumulative keep ratios ``keep[s] ± spread``."""
+    masks, prev = [], torch.ones(batch, num_patches, dtype=torch.bool)
+    scores = torch.rand(batch, num_patches, generator=generator)
+    for k in keep:
+        ratio = (k + (torch.rand(batch, generator=generator) * 2 - 1) * spread).clamp(0.0, 1.0)
+        n_keep = (ratio * num_patches).round().long()
+        rank = scores.argsort(1, descending=True).argsort(1)
+        mask = (rank < n_keep[:, None]) & prev
+        masks.append(mask)
+        prev = mask
+    return masks

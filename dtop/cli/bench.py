@@ -1,0 +1,206 @@
+"""``dtop-bench``: wall-clock dense vs pruned for a model config, timed the way GPUs must be timed.
+
+Decisions come from a keep schedule (random nested keep masks with per-image keep ratios) or, with
+``ckpt_path``, from the trained model itself on the data's images. Every iteration draws fresh random
+inputs; times are medians of CUDA-event intervals after warm-up (wall clock on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import hydra
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+from dtop.cli.common import CONFIG_PATH
+from dtop.lit.module import load_model_weights
+from dtop.models.engine import Segmentor
+from dtop.models.policies import RecordedDecisions, random_keep_masks
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
+    """Milliseconds one call takes: CUDA events on GPU, perf_counter on CPU."""
+    if device.type == "cuda":
+        def run(fn: Callable[[], Any]) -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+    else:
+        def run(fn: Callable[[], Any]) -> float:
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+    return run
+
+
+def _measure(fn: Callable[[int], Any], warmup: int, iters: int, device: torch.device) -> dict[str, float]:
+    timer = _timer(device)
+    for i in range(warmup):
+        fn(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = [timer(lambda i=i: fn(warmup + i)) for i in range(iters)]
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+    return {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times), "peak_mib": peak}
+
+
+class Inputs:
+    """A pool of fresh random (or real) batches, rotated so no timing sees one buffer twice in a row."""
+
+    def __init__(self, batch: int, size: tuple[int, int], classes: int, device: torch.device, pool: int = 4,
+                 images: torch.Tensor | None = None) -> None:
+        g = torch.Generator().manual_seed(0)
+        if images is None:
+            self.images = [torch.randn(batch, 3, *size, generator=g).to(device) for _ in range(pool)]
+        else:
+            self.images = [images.to(device)]
+        self.labels = [torch.randint(0, classes, (batch, *size), generator=g).to(device) for _ in range(pool)]
+
+    def __call__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[i % len(self.images)], self.labels[i % len(self.labels)]
+
+
+def _real_images(cfg: DictConfig, batch: int, size: tuple[int, int]) -> torch.Tensor:
+    dm = instantiate(cfg.data)
+    dm.setup("validate")
+    ds = dm.val_dataset
+    imgs = [ds[i % len(ds)]["image"] for i in range(batch)]
+    return torch.stack([F.interpolate(im[None], size=size, mode="bilinear", align_corners=False)[0] for im in imgs])
+
+
+def bench(cfg: DictConfig) -> dict[str, Any]:
+    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[cfg.dtype]
+    B, size = int(cfg.batch_size), (int(cfg.input_size[0]), int(cfg.input_size[1]))
+    model: Segmentor = instantiate(cfg.model).to(device)
+    real = None
+    if cfg.ckpt_path:
+        load_model_weights(model, cfg.ckpt_path)
+        real = _real_images(cfg, B, size)
+    else:
+        p = model.backbone.patch_size
+        N = (-(-size[0] // p)) * (-(-size[1] // p))
+        g = torch.Generator().manual_seed(int(cfg.seed))
+        masks = [random_keep_masks(B, N, cfg.keep, cfg.keep_spread, g) for _ in range(4)]
+        recorded = RecordedDecisions(masks[0])
+        model.policy = recorded
+    inputs = Inputs(B, size, model.num_classes, device, images=real)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    if cfg.compile:
+        for block in model.backbone.blocks:
+            block.mlp.compile(dynamic=True)
+
+    def infer(i: int, dense: bool) -> None:
+        if real is None:
+            recorded.keep = masks[i % len(masks)]
+        images, _ = inputs(i)
+        with torch.no_grad(), autocast, (model.dense_mode() if dense else nullcontext()):
+            out = model(images)
+            model.decode_head.scores(model.upsample(out.logits, out), out.presence)
+
+    model.eval()
+    result: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                              "torch": torch.__version__, "backbone": model.backbone.name, "batch_size": B,
+                              "input_size": list(size), "dtype": cfg.dtype, "compile": bool(cfg.compile),
+                              "decisions": "model" if real is not None else f"keep {list(cfg.keep)} ± {cfg.keep_spread}"}
+    dense_t = _measure(lambda i: infer(i, True), cfg.warmup, cfg.iters, device)
+    pruned_t = _measure(lambda i: infer(i, False), cfg.warmup, cfg.iters, device)
+    macs = []
+    with torch.no_grad(), autocast:
+        for i in range(4 if real is None else 1):
+            if real is None:
+                recorded.keep = masks[i]
+            out = model(inputs(i)[0])
+            macs.append(float(out.stats["macs"].mean()))
+            tokens = out.stats["tokens_per_stage"].float().mean(0)
+    dense_macs = model.dense_macs(*size)[0]
+    gmacs_ratio = statistics.mean(macs) / dense_macs
+    time_ratio = pruned_t["ms"] / dense_t["ms"]
+    result["inference"] = {
+        "dense_ms": dense_t["ms"], "pruned_ms": pruned_t["ms"],
+        "dense_img_s": 1e3 * B / dense_t["ms"], "pruned_img_s": 1e3 * B / pruned_t["ms"],
+        "gmacs_dense": dense_macs / 1e9, "gmacs_pruned": statistics.mean(macs) / 1e9,
+        "gmacs_ratio": gmacs_ratio, "time_ratio": time_ratio, "efficiency": gmacs_ratio / time_ratio,
+        "keep_ratio_per_stage": (tokens / tokens[0]).tolist(),
+        "dense_peak_mib": dense_t["peak_mib"], "pruned_peak_mib": pruned_t["peak_mib"],
+    }
+    if cfg.train_step:
+        result["train"] = _bench_train(cfg, model, inputs, autocast, device, masks if real is None else None,
+                                       recorded if real is None else None)
+    return result
+
+
+def _bench_train(cfg: DictConfig, model: Segmentor, inputs: Inputs, autocast: Any, device: torch.device,
+                 masks: list | None, recorded: RecordedDecisions | None) -> dict[str, float]:
+    """One optimiser step (forward, CE on the final and every stage map, backward, AdamW)."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    macs: dict[bool, list[float]] = {True: [], False: []}
+
+    def step(i: int, dense: bool) -> None:
+        if recorded is not None:
+            recorded.keep = masks[i % len(masks)]
+        images, labels = inputs(i)
+        with autocast, (model.dense_mode() if dense else nullcontext()):
+            out = model(images)
+            loss = sum(F.cross_entropy(model.upsample(m, out), labels) for m in [out.logits, *out.stage_logits])
+        if len(macs[dense]) < 8:
+            macs[dense].append(float(out.stats["macs"].mean()))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    dense_t = _measure(lambda i: step(i, True), cfg.warmup, cfg.iters, device)
+    pruned_t = _measure(lambda i: step(i, False), cfg.warmup, cfg.iters, device)
+    model.eval()
+    return {"dense_ms": dense_t["ms"], "pruned_ms": pruned_t["ms"], "speedup": dense_t["ms"] / pruned_t["ms"],
+            "gmacs_ratio_fwd": statistics.mean(macs[False]) / statistics.mean(macs[True]),
+            "dense_peak_mib": dense_t["peak_mib"],
+            "pruned_peak_mib": pruned_t["peak_mib"]}
+
+
+def print_result(result: dict[str, Any]) -> None:
+    table = Table(title=f"dtop-bench · {result['backbone']} · {result['device']} · batch {result['batch_size']} · "
+                        f"{result['input_size'][0]}×{result['input_size'][1]} · {result['dtype']}")
+    for col in ("", "dense", "pruned", "ratio"):
+        table.add_column(col, justify="right")
+    inf = result["inference"]
+    table.add_row("ms / batch", f"{inf['dense_ms']:.3f}", f"{inf['pruned_ms']:.3f}", f"{inf['time_ratio']:.3f}")
+    table.add_row("images / s", f"{inf['dense_img_s']:.1f}", f"{inf['pruned_img_s']:.1f}", "")
+    table.add_row("GMACs / image", f"{inf['gmacs_dense']:.2f}", f"{inf['gmacs_pruned']:.2f}", f"{inf['gmacs_ratio']:.3f}")
+    table.add_row("peak MiB", f"{inf['dense_peak_mib']:.0f}", f"{inf['pruned_peak_mib']:.0f}", "")
+    table.add_row("efficiency", "", "", f"{inf['efficiency']:.3f}")
+    if "train" in result:
+        tr = result["train"]
+        table.add_row("train ms / step", f"{tr['dense_ms']:.3f}", f"{tr['pruned_ms']:.3f}", f"×{tr['speedup']:.2f} faster")
+        table.add_row("train peak MiB", f"{tr['dense_peak_mib']:.0f}", f"{tr['pruned_peak_mib']:.0f}", "")
+    Console().print(table)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="bench")
+def main(cfg: DictConfig) -> None:
+    result = bench(cfg)
+    print_result(result)
+    out = Path(cfg.paths.output_dir) / "bench.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
