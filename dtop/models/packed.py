@@ -158,7 +158,9 @@ def _attention(attn: nn.Module, x: Tensor, stream: TokenStream) -> Tensor:
     q, k = attn.q_norm(q), attn.k_norm(k)
     p = attn.attn_drop.p if attn.training else 0.0
     out = segment_attention(q, k, v, stream, p).reshape(T, heads * head_dim)
-    out = attn.norm(out)
+    norm = getattr(attn, "norm", None)  # scale-norm, absent in older timm
+    if norm is not None:
+        out = norm(out)
     if gate is not None:
         out = out * gate
     return attn.proj_drop(attn.proj(out))
