@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from dtop.models.resize import resize_bilinear
 
 __all__ = ["resize_logits", "slide_inference", "slide_windows"]
 
@@ -20,7 +21,7 @@ def resize_logits(logits: Tensor, size: Sequence[int]) -> Tensor:
     """Bilinearly resize ``[B, C, h, w]`` logits to ``size`` (H, W), align_corners=False as mmseg."""
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
-    return F.interpolate(logits, size=(int(size[0]), int(size[1])), mode="bilinear", align_corners=False)
+    return resize_bilinear(logits, (int(size[0]), int(size[1])))
 
 
 def slide_windows(

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from dtop.cli.common import CONFIG_PATH, build, evaluate_checkpoint, make_trainer
 from dtop.models.engine import Segmentor
-from dtop.models.macs import block_macs, patch_embed_macs
+from dtop.models.macs import blocks_macs, patch_embed_macs
 
 
 def breakdown(model: Segmentor, height: int, width: int) -> list[tuple[str, float, float]]:
@@ -27,7 +27,7 @@ def breakdown(model: Segmentor, height: int, width: int) -> list[tuple[str, floa
     N = -(-height // p) * (-(-width // p))
     n_all = torch.tensor([N + model.backbone.num_prefix_tokens])
     rows = [("patch embed", *(2 * [patch_embed_macs(N, p, 3, model.backbone.embed_dim) / 1e9]))]
-    blocks = [block_macs(b, n_all) for b in model.backbone.blocks]
+    blocks = [blocks_macs([b], n_all) for b in model.backbone.blocks]
     rows.append((f"{len(blocks)} blocks ({int(n_all)} tokens)", sum(float(a) for a, _ in blocks) / 1e9,
                  sum(float(b) for _, b in blocks) / 1e9))
     a, b = model.decode_head.macs(torch.tensor([N]))

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dtop.models.heads.base import SegHead
-from dtop.models.macs import block_macs, patch_embed_macs
+from dtop.models.macs import blocks_macs, patch_embed_macs
+from dtop.models.resize import resize_bilinear
 from dtop.models.packed import TokenStream, block_forward
 from dtop.models.policies import DToP, Policy, RunState
 from dtop.models.vit import ViTBackbone
@@ -98,7 +99,7 @@ class Segmentor(nn.Module):
             state.tokens.append(lengths - special)
             for block in self.backbone.blocks[start:end]:
                 stream = block_forward(block, stream)
-                state.add_macs(block_macs(block, lengths))
+            state.add_macs(blocks_macs(self.backbone.blocks[start:end], lengths))
             start = end
             if stage < len(self.aux_heads) and (self.training or self.policy.prunes_at(stage, len(self.aux_heads))):
                 stream = self.policy.stage_end(stage, len(self.aux_heads), stream, self.aux_heads[stage], state)
@@ -161,19 +162,17 @@ class Segmentor(nn.Module):
         n = torch.tensor([N])
         total = float(patch_embed_macs(N, p, 3, self.backbone.embed_dim))
         macs, lin = torch.tensor([total], dtype=torch.float64), torch.tensor([total], dtype=torch.float64)
-        for block in self.backbone.blocks:
-            a, b = block_macs(block, n_all)
-            macs, lin = macs + a, lin + b
+        a, b = blocks_macs(self.backbone.blocks, n_all)
+        macs, lin = macs + a, lin + b
         a, b = self.decode_head.macs(n)
         macs, lin = macs + a, lin + b
         return float(macs), float(lin)
 
     def upsample(self, logits: Tensor, out: SegOutput, size: tuple[int, int] | None = None) -> Tensor:
         """Token-grid logits → the input's pixels (crop the padding), then optionally to ``size``."""
-        x = F.interpolate(logits.float(), size=out.padded_size, mode="bilinear", align_corners=False)
-        x = x[..., : out.input_size[0], : out.input_size[1]]
-        if size is not None and tuple(size) != tuple(out.input_size):
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        x = resize_bilinear(logits, out.padded_size)[..., : out.input_size[0], : out.input_size[1]]
+        if size is not None:
+            x = resize_bilinear(x, size)
         return x
 
     def predict(self, images: Tensor, size: tuple[int, int] | None = None) -> tuple[Tensor, SegOutput]:

@@ -11,13 +11,15 @@ Tests hold these formulas to ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor
 
 
-def block_macs(block: Block, n: Tensor) -> tuple[Tensor, Tensor]:
-    """MACs of one timm ViT block for ``n`` tokens per image ([B] tensor)."""
+def block_coefficients(block: Block) -> tuple[int, int]:
+    """(linear MACs per token, attention MACs per token pair) of one timm ViT block."""
     attn = block.attn
     dim = attn.qkv.in_features
     attn_dim = attn.num_heads * attn.head_dim
@@ -25,10 +27,22 @@ def block_macs(block: Block, n: Tensor) -> tuple[Tensor, Tensor]:
     if getattr(attn, "gate", None) is not None:
         linear += dim * attn_dim
     linear += sum(m.in_features * m.out_features for m in block.mlp.modules() if isinstance(m, torch.nn.Linear))
+    return linear, 2 * attn_dim
+
+
+def blocks_macs(blocks: Sequence[Block], n: Tensor) -> tuple[Tensor, Tensor]:
+    """MACs of consecutive blocks for ``n`` tokens per image ([B] tensor): (all, linear only)."""
+    linear = sum(block_coefficients(b)[0] for b in blocks)
+    pairs = sum(block_coefficients(b)[1] for b in blocks)
     n = n.to(torch.float64)
     lin = n * linear
-    return lin + 2 * n * n * attn_dim, lin
+    return lin + n * n * pairs, lin
 
 
 def patch_embed_macs(num_patches: int, patch_size: int, in_chans: int, dim: int) -> int:
     return num_patches * patch_size * patch_size * in_chans * dim
+
+
+def block_macs(block: Block, n: Tensor) -> tuple[Tensor, Tensor]:
+    """MACs of one block for ``n`` tokens per image: (all, linear only)."""
+    return blocks_macs([block], n)
