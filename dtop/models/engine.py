@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from dtop.models.heads.base import SegHead
 from dtop.models.macs import blocks_macs, patch_embed_macs
 from dtop.models.resize import resize_bilinear
-from dtop.models.packed import TokenStream, block_forward
+from dtop.models.packed import TokenStream, blocks_forward
 from dtop.models.policies import DToP, Policy, RunState
 from dtop.models.vit import ViTBackbone
 
@@ -97,8 +97,7 @@ class Segmentor(nn.Module):
             lengths = stream.lengths
             special = torch.zeros(B, dtype=torch.long, device=dev).index_add_(0, stream.batch, (stream.pos < 0).long())
             state.tokens.append(lengths - special)
-            for block in self.backbone.blocks[start:end]:
-                stream = block_forward(block, stream)
+            stream = blocks_forward(self.backbone.blocks[start:end], stream)
             state.add_macs(blocks_macs(self.backbone.blocks[start:end], lengths))
             start = end
             if stage < len(self.aux_heads) and (self.training or self.policy.prunes_at(stage, len(self.aux_heads))):

@@ -9,6 +9,7 @@ device; the only host syncs are the ones :meth:`TokenStream.select` needs to siz
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -121,11 +122,20 @@ class TokenStream:
 
 
 def segment_attention(q: Tensor, k: Tensor, v: Tensor, stream: TokenStream, dropout_p: float = 0.0) -> Tensor:
-    """Self-attention of [T, H, D] q/k/v within each image segment → [T, H, D]."""
-    if (varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-            and dropout_p == 0.0):
+    """Self-attention of [T, H, D] q/k/v within each image segment → [T, H, D].
+
+    Equal segments (the dense model) take batched SDPA like timm; unequal ones on CUDA take flash
+    varlen — the ATen op directly when no gradient is needed (the ``varlen_attn`` wrapper costs
+    ~0.2 ms of CPU per call, which dominated batch-1 latency), the autograd-aware wrapper otherwise.
+    """
+    flash = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and dropout_p == 0.0
+    if flash and not stream.uniform:
         cu = stream.cu_seqlens
-        return varlen_attn(q, k, v, cu, cu, stream.max_len, stream.max_len)
+        if not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad or v.requires_grad):
+            return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, stream.max_len, stream.max_len,
+                                                           0.0, False, False)[0]
+        if varlen_attn is not None:
+            return varlen_attn(q, k, v, cu, cu, stream.max_len, stream.max_len)
     if stream.uniform:
         B = stream.batch_size
         qb, kb, vb = (t.reshape(B, -1, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
@@ -166,9 +176,15 @@ def _attention(attn: nn.Module, x: Tensor, stream: TokenStream) -> Tensor:
     return attn.proj_drop(attn.proj(out))
 
 
-def block_forward(block: Block, stream: TokenStream) -> TokenStream:
-    """timm ``Block.forward`` on a packed stream, reusing the block's own modules and weights."""
-    x = stream.x
+def block_forward(block: Block, x: Tensor, stream: TokenStream) -> Tensor:
+    """timm ``Block.forward`` on packed tokens [T, C] laid out as ``stream``, with the block's own modules."""
     x = x + _drop_path(block.drop_path1, block.ls1(_attention(block.attn, block.norm1(x), stream)), stream)
-    x = x + _drop_path(block.drop_path2, block.ls2(block.mlp(block.norm2(x))), stream)
+    return x + _drop_path(block.drop_path2, block.ls2(block.mlp(block.norm2(x))), stream)
+
+
+def blocks_forward(blocks: Sequence[Block], stream: TokenStream) -> TokenStream:
+    """Run consecutive blocks over a stream whose layout does not change in between."""
+    x = stream.x
+    for block in blocks:
+        x = block_forward(block, x, stream)
     return stream.with_x(x)

@@ -120,7 +120,7 @@ class SegmenterHead(SegHead):
         B, K = stream.batch_size, self.num_classes
         joint, tok_idx, cls_idx = self.joint_stream(self.proj_dec(self.norm(x)), stream)
         for block in self.blocks:
-            joint = block_forward(block, joint)
+            joint = joint.with_x(block_forward(block, joint.x, joint))
         y = self.decoder_norm(joint.x)
         patches = F.normalize(self.proj_patch(y[tok_idx]), dim=-1)  # [T, d]
         classes = F.normalize(self.proj_classes(y[cls_idx]), dim=-1).view(B, K, -1)  # [B, K, d]
