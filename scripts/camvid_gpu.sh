@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The README's CamVid table on one GPU (weights + data copied to .assets/, see README).
+#   bash scripts/camvid_gpu.sh dense   OUT   # dense baseline + DToP@Direct sweep
+#   bash scripts/camvid_gpu.sh tuned   OUT   # DToP@Finetune at chosen ξ + DoViT (needs the dense run)
+set -uo pipefail
+stage=$1; out=$2; mkdir -p "$out"
+A=.assets
+paths=(data.root=$A/camvid model.backbone.weights=$A/dinov2_vits14.safetensors logger=csv)
+dense_dir=logs/camvid/dense
+ck=$dense_dir/checkpoints/best.ckpt
+if [ "$stage" = dense ]; then
+  python -m dtop.cli.train experiment=camvid_dense_fcn "${paths[@]}" hydra.run.dir=$dense_dir > "$out/dense.log" 2>&1 || { tail -30 "$out/dense.log"; exit 1; }
+  python -m dtop.cli.evaluate -m experiment=camvid_dtop_fcn "${paths[@]}" ckpt_path=$ck \
+    model.pruning.threshold=0.8,0.9,0.95,0.98 hydra.sweep.dir=logs/camvid/direct > "$out/direct.log" 2>&1 || tail -30 "$out/direct.log"
+fi
+if [ "$stage" = tuned ]; then
+  for thr in ${THRESHOLDS:-0.9 0.95}; do
+    python -m dtop.cli.train experiment=camvid_dtop_fcn "${paths[@]}" module.init_ckpt=$ck model.pruning.threshold=$thr \
+      hydra.run.dir=logs/camvid/finetune_$thr > "$out/finetune_$thr.log" 2>&1 || tail -30 "$out/finetune_$thr.log"
+  done
+  python -m dtop.cli.train experiment=camvid_dovit_fcn "${paths[@]}" teacher_ckpt=$ck model.pruning.threshold=${DOVIT_THR:-0.95} \
+    hydra.run.dir=logs/camvid/dovit > "$out/dovit.log" 2>&1 || tail -30 "$out/dovit.log"
+fi
+python - "$out" <<'PY'
+import json, pathlib, sys
+rows = {}
+for f in sorted(pathlib.Path("logs/camvid").rglob("metrics.json")):
+    m = json.loads(f.read_text()); m.pop("config", None); m.pop("per_class_IoU", None); m.pop("per_class_Acc", None)
+    rows[str(f.parent.relative_to("logs/camvid"))] = m
+pathlib.Path(sys.argv[1], "camvid_summary.json").write_text(json.dumps(rows, indent=1))
+for k, m in rows.items():
+    print(k, {x: m.get(x) for x in ("threshold", "mIoU", "gmacs", "gmacs_linear", "gmacs_dense", "keep_ratio_per_stage", "tokens_per_stage", "dense")})
+PY
