@@ -68,15 +68,20 @@ def evaluate_checkpoint(cfg: DictConfig, dm: SegDataModule, module: SegModule, t
         load_model_weights(module.model, ckpt_path)
     metrics, table = evaluate(trainer, module, dm)
     out_dir = Path(cfg.paths.output_dir)
-    table.to_parquet(out_dir / "per_image.parquet", index=False)
+    # Under DDP every rank holds the same gathered table and metrics (dtop.lit.distributed); rank 0 writes them.
+    writer = trainer.is_global_zero
+    if writer:
+        table.to_parquet(out_dir / "per_image.parquet", index=False)
     metrics["threshold"] = list(module.model.policy.threshold)
     if eval_dense:
         with module.model.dense_mode():
             dense, dense_table = evaluate(trainer, module, dm)
-        dense_table.to_parquet(out_dir / "per_image_dense.parquet", index=False)
+        if writer:
+            dense_table.to_parquet(out_dir / "per_image_dense.parquet", index=False)
         metrics["dense"] = {k: dense[k] for k in ("mIoU", "aAcc", "mAcc", "gmacs", "gmacs_linear")}
     metrics["checkpoint"] = ckpt_path
-    write_metrics(out_dir, metrics, cfg)
+    if writer:
+        write_metrics(out_dir, metrics, cfg)
     return metrics
 
 

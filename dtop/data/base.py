@@ -19,6 +19,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from dtop.lit.distributed import eval_sampler
+
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "EpochSeededRandomSampler", "SegDataModule", "seg_collate"]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -167,9 +169,13 @@ class SegDataModule(L.LightningDataModule):
             self.train_dataset, "train", batch_size=self.batch_size, sampler=sampler, drop_last=True
         )
 
+    # Under DDP the eval loaders shard without padding (each image on exactly one rank, in whole single-device
+    # batches): see dtop.lit.distributed. On one device the sampler is None, i.e. sequential.
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, "val", batch_size=self.val_batch_size, shuffle=False)
+        return self._loader(self.val_dataset, "val", batch_size=self.val_batch_size, shuffle=False,
+                            sampler=eval_sampler(self.val_dataset, self.val_batch_size))
 
     def test_dataloader(self) -> DataLoader:
         dataset = self.test_dataset if self.test_dataset is not None else self.val_dataset
-        return self._loader(dataset, "test", batch_size=self.val_batch_size, shuffle=False)
+        return self._loader(dataset, "test", batch_size=self.val_batch_size, shuffle=False,
+                            sampler=eval_sampler(dataset, self.val_batch_size))

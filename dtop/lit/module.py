@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from dtop.lit.distributed import eval_loader_sampler, gather_eval_rows, gather_eval_visuals
 from dtop.losses import feature_mse, kl_distillation, resize_to
 from dtop.metrics import SegMetrics, format_metrics
 from dtop.models.engine import SegOutput, Segmentor
@@ -39,13 +40,26 @@ def model_state(ckpt: dict[str, Any], path: str | Path) -> dict[str, Tensor]:
     return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
 
 
-def load_model_weights(model: nn.Module, ckpt_path: str | Path) -> None:
+def load_model_weights(model: nn.Module, ckpt_path: str | Path, skip_aux: bool = False) -> list[str]:
+    """Load a checkpoint's segmentor weights; with ``skip_aux``, aux heads may differ (returns skipped keys).
+
+    A distillation teacher and a fine-tuning start only need the backbone and decode head: their
+    aux heads (e.g. DoViT's 1×1 heads at other layers than the dense model's) start fresh.
+    """
     state = model_state(read_checkpoint(ckpt_path), ckpt_path)
+    own = model.state_dict()
+    skipped: list[str] = []
+    if skip_aux:
+        skipped = [k for k in set(state) | set(own) if k.startswith("aux_heads.")
+                   and (k not in state or k not in own or state[k].shape != own[k].shape)]
+        state = {k: v for k, v in state.items() if k not in skipped}
     missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in skipped]
     if missing or unexpected:
         raise CheckpointError(f"{ckpt_path} does not fit the configured model (missing {missing[:4]}, unexpected "
                               f"{unexpected[:4]}). Compose the same model/experiment as at training "
                               "(see the run's .hydra/overrides.yaml).")
+    return skipped
 
 
 class SegModule(L.LightningModule):
@@ -87,7 +101,7 @@ class SegModule(L.LightningModule):
             raise ValueError(f"Model predicts {model.num_classes} classes but the data has {num_classes}.")
         self.model = model
         if init_ckpt:
-            load_model_weights(self.model, init_ckpt)
+            load_model_weights(self.model, init_ckpt, skip_aux=True)
         if trainable == "heads":
             self.model.backbone.requires_grad_(False)
         self._teacher: list[Segmentor] = []  # a list keeps it out of state_dict, optimiser and DDP
@@ -96,7 +110,7 @@ class SegModule(L.LightningModule):
                 raise ValueError("kl_weight/mse_weight > 0 need model teacher: set module.teacher_ckpt to a dense checkpoint.")
             teacher = copy.deepcopy(model)
             teacher.policy.enabled = False
-            load_model_weights(teacher, teacher_ckpt)
+            load_model_weights(teacher, teacher_ckpt, skip_aux=True)
             teacher.requires_grad_(False).eval()
             self._teacher.append(teacher)
         self.val_metrics = SegMetrics(num_classes, ignore_index)
@@ -248,12 +262,20 @@ class SegModule(L.LightningModule):
         self._finish_eval(self.test_metrics, "test")
 
     def _finish_eval(self, metrics: SegMetrics, prefix: str) -> None:
+        # Under DDP (see dtop.lit.distributed) compute() sums every rank's confusion matrix, and the rows and
+        # visuals of every rank are gathered, each image once and in dataset order: every rank then holds the
+        # single-device result.
         result = format_metrics(metrics.compute())
         metrics.reset()
+        sampler = eval_loader_sampler(self._trainer, prefix)
+        self.per_image = gather_eval_rows(self.per_image, sampler)
+        self.visuals = gather_eval_visuals(self.visuals, sampler, self.max_visuals)
         summary = summarize_per_image(self.per_image, self.model.num_stages)
         result.update(summary)
         self.last_eval = result
         scalars = {f"{prefix}/{k}": float(v) for k, v in result.items() if isinstance(v, (int, float))}
+        # already global and equal on every rank: no reduce (it would only add rounding); not rank_zero_only,
+        # so ModelCheckpoint sees val/mIoU on every rank. Loggers write from rank 0 only.
         self.log_dict(scalars, sync_dist=False)
 
 
