@@ -105,6 +105,8 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     if cfg.compile:
         for block in model.backbone.blocks:
             block.mlp.compile(dynamic=True)
+    if cfg.cuda_graphs and device.type == "cuda":
+        model.enable_cuda_graphs(int(cfg.graph_bucket))
 
     def infer(i: int, dense: bool) -> None:
         if real is None:
@@ -115,9 +117,20 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
             model.decode_head.scores(model.upsample(out.logits, out), out.presence)
 
     model.eval()
+    graph_diff = None
+    if model.graphs is not None:
+        if real is None:
+            recorded.keep = masks[0]
+        with torch.no_grad(), autocast:
+            replayed = model(inputs(0)[0]).logits.float()
+            graphs, model.graphs = model.graphs, None
+            eager = model(inputs(0)[0]).logits.float()
+            model.graphs = graphs
+        graph_diff = float((replayed - eager).abs().max() / eager.abs().max())
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                               "torch": torch.__version__, "backbone": model.backbone.name, "batch_size": B,
-                              "input_size": list(size), "dtype": cfg.dtype, "compile": bool(cfg.compile),
+                              "input_size": list(size), "dtype": cfg.dtype, "cuda_graphs": model.graphs is not None, "compile": bool(cfg.compile),
+                              "graph_vs_eager_rel_diff": graph_diff,
                               "decisions": "model" if real is not None else f"keep {list(cfg.keep)} ± {cfg.keep_spread}"}
     dense_t = _measure(lambda i: infer(i, True), cfg.warmup, cfg.iters, device)
     pruned_t = _measure(lambda i: infer(i, False), cfg.warmup, cfg.iters, device)

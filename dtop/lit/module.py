@@ -90,6 +90,7 @@ class SegModule(L.LightningModule):
         crop_size: tuple[int, int] | None = None,
         stride: tuple[int, int] | None = None,
         class_names: list[str] | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
@@ -242,6 +243,10 @@ class SegModule(L.LightningModule):
             row.update({f"tokens_s{s}": t for s, t in enumerate(tokens[i])})
             row.update({f"exits_s{s}": e for s, e in enumerate(exits[i])})
             self.per_image.append(row)
+
+    def on_test_start(self) -> None:
+        if self.hparams.cuda_graphs and self.device.type == "cuda" and self.model.graphs is None:
+            self.model.enable_cuda_graphs()
 
     def on_validation_epoch_start(self) -> None:
         self.per_image, self.visuals = [], []

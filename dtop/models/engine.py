@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from dtop.models.heads.base import SegHead
 from dtop.models.macs import blocks_macs, patch_embed_macs
 from dtop.models.resize import resize_bilinear
-from dtop.models.packed import TokenStream, blocks_forward
+from dtop.models.packed import BlockGraphs, TokenStream, blocks_forward
 from dtop.models.policies import DToP, Policy, RunState
 from dtop.models.vit import ViTBackbone
 
@@ -62,6 +62,16 @@ class Segmentor(nn.Module):
         self.aux_heads = nn.ModuleList(aux_heads)
         self.prune_layers = prune_layers
         self.policy = policy if policy is not None else DToP(1.0)
+        self.graphs: BlockGraphs | None = None
+
+    def enable_cuda_graphs(self, bucket: int = 64) -> None:
+        """Replay the blocks of each stage as CUDA graphs at inference (CUDA, fp16/bf16, no autograd)."""
+        self.graphs = BlockGraphs(bucket)
+
+    def _graphable(self, x: Tensor) -> bool:
+        half = (torch.float16, torch.bfloat16)
+        amp = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in half
+        return x.is_cuda and not torch.is_grad_enabled() and not self.training and (amp or x.dtype in half)
 
     @property
     def num_classes(self) -> int:
@@ -97,7 +107,11 @@ class Segmentor(nn.Module):
             lengths = stream.lengths
             special = torch.zeros(B, dtype=torch.long, device=dev).index_add_(0, stream.batch, (stream.pos < 0).long())
             state.tokens.append(lengths - special)
-            stream = blocks_forward(self.backbone.blocks[start:end], stream)
+            blocks = self.backbone.blocks[start:end]
+            if self.graphs is not None and self._graphable(stream.x):
+                stream = self.graphs(blocks, stream)
+            else:
+                stream = blocks_forward(blocks, stream)
             state.add_macs(blocks_macs(self.backbone.blocks[start:end], lengths))
             start = end
             if stage < len(self.aux_heads) and (self.training or self.policy.prunes_at(stage, len(self.aux_heads))):

@@ -188,3 +188,67 @@ def blocks_forward(blocks: Sequence[Block], stream: TokenStream) -> TokenStream:
     for block in blocks:
         x = block_forward(block, x, stream)
     return stream.with_x(x)
+
+
+class BlockGraphs:
+    """CUDA-graph replay of a block range at bucketed token counts, for inference.
+
+    Eager ViT blocks are CPU-bound below a few thousand tokens (each block is ~10 kernel launches
+    through Python); replaying a captured graph removes that overhead. The packed stream is padded to
+    a multiple of ``bucket`` tokens with one extra attention segment holding the padding, so one graph
+    serves every token count of its bucket; ``max_len`` is rounded up the same way (flash varlen takes
+    an upper bound). Graphs are captured lazily, once per (blocks, tokens, max length, batch, dtype).
+    """
+
+    def __init__(self, bucket: int = 64) -> None:
+        self.bucket = bucket
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor]] = {}
+        self.pool = None
+
+    def _round(self, n: int) -> int:
+        return -(-n // self.bucket) * self.bucket
+
+    def __call__(self, blocks: Sequence[Block], stream: TokenStream) -> TokenStream:
+        T, C = stream.x.shape
+        B = stream.batch_size
+        Tb = self._round(T + 1)
+        max_len = min(Tb, self._round(max(stream.max_len, Tb - T)))
+        amp = torch.is_autocast_enabled("cuda")
+        amp_dtype = torch.get_autocast_dtype("cuda") if amp else None
+        key = (id(blocks[0]), len(blocks), Tb, max_len, B, stream.x.dtype, amp_dtype)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(blocks, Tb, C, B, max_len, stream.x, amp_dtype)
+        graph, x_in, cu, out = self.graphs[key]
+        x_in[:T].copy_(stream.x)
+        cu[: B + 1].copy_(stream.cu_seqlens)
+        graph.replay()
+        return stream.with_x(out[:T].clone())
+
+    def _capture(self, blocks: Sequence[Block], Tb: int, C: int, B: int, max_len: int, like: Tensor,
+                 amp_dtype: torch.dtype | None) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor]:
+        x_in = like.new_zeros(Tb, C)
+        cu = torch.full((B + 2,), Tb, dtype=torch.int32, device=like.device)
+        cu[: B + 1] = torch.arange(B + 1, device=like.device, dtype=torch.int32)  # any valid layout to warm up
+        dummy = torch.zeros(Tb, dtype=torch.long, device=like.device)
+        capture_stream = TokenStream(x_in, dummy, dummy, cu, max_len, B + 1, 0, False)
+
+        def run() -> Tensor:
+            with torch.autocast("cuda", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None,
+                                cache_enabled=False):
+                x = x_in
+                for block in blocks:
+                    x = block_forward(block, x, capture_stream)
+                return x
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = run()
+        return graph, x_in, cu, out
