@@ -50,6 +50,8 @@ def build(cfg: DictConfig) -> tuple[SegDataModule, SegModule]:
 def make_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None and "_target_" in c]
+    if not loggers:  # nothing to log the learning rate to: Lightning would refuse the monitor
+        callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
     kwargs: dict[str, Any] = {"callbacks": callbacks, "logger": loggers or False}
     kwargs.update(overrides)
     return instantiate(cfg.trainer, **kwargs)

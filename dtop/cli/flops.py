@@ -12,7 +12,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from rich.console import Console
 from rich.table import Table
 
@@ -36,6 +36,10 @@ def breakdown(model: Segmentor, height: int, width: int) -> list[tuple[str, floa
 
 
 def flops(cfg: DictConfig) -> dict[str, Any]:
+    with open_dict(cfg):  # counting needs no weights: never download or read them
+        cfg.model.backbone.pretrained = False
+        if not cfg.get("ckpt_path"):
+            cfg.model.backbone.weights = None
     model: Segmentor = instantiate(cfg.model)
     size = cfg.get("input_size") or cfg.data.get("image_size") or cfg.data.get("crop_size")
     if size is None or len(size) != 2:

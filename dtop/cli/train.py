@@ -25,7 +25,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.checkpoint_callback is not None:
         best = trainer.checkpoint_callback.best_model_path or trainer.checkpoint_callback.last_model_path or None
     log.info("Evaluating %s", best or "the final weights")
-    eval_trainer = make_trainer(cfg, callbacks=[c for c in trainer.callbacks if type(c).__name__ == "RichProgressBar"])
+    keep = ("RichProgressBar", "Dashboard")
+    eval_trainer = make_trainer(cfg, callbacks=[c for c in trainer.callbacks if type(c).__name__ in keep])
     metrics = evaluate_checkpoint(cfg, dm, module, eval_trainer, best, cfg.get("eval_dense", True))
     print_summary(metrics, title=f"dtop-train · {Path(cfg.paths.output_dir).name}")
     return metrics

@@ -236,12 +236,14 @@ class SegModule(L.LightningModule):
                                      "exit_stage": stats["exit_stage"][i].cpu()})
         tokens = stats["tokens_per_stage"].tolist()
         exits = stats["exits_per_stage"].tolist()
+        per_class = stats["exits_per_class"].tolist()
         gm = {k: (stats[f"macs{k}"] / 1e9).tolist() for k in ("", "_linear", "_dense", "_linear_dense")}
         for i, image_id in enumerate(batch["id"]):
             row: dict[str, Any] = {"image_id": image_id, **{f"gmacs{k}": v[i] for k, v in gm.items()},
                                    "pixel_acc": pix_acc[i]}
             row.update({f"tokens_s{s}": t for s, t in enumerate(tokens[i])})
             row.update({f"exits_s{s}": e for s, e in enumerate(exits[i])})
+            row.update({f"exits_s{s}_c{c}": n for s, per in enumerate(per_class[i]) for c, n in enumerate(per)})
             self.per_image.append(row)
 
     def on_test_start(self) -> None:

@@ -17,6 +17,11 @@ from torch import Tensor
 @lru_cache(maxsize=64)
 def _weights(size_in: int, size_out: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """[size_out, size_in] interpolation matrix with PyTorch's half-pixel source coordinates."""
+    with torch.inference_mode(False):  # cached across eval and training: never an inference tensor
+        return _build(size_in, size_out).to(device=device, dtype=dtype)
+
+
+def _build(size_in: int, size_out: int) -> Tensor:
     scale = size_in / size_out
     src = ((torch.arange(size_out, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0.0)
     i0 = src.floor().long().clamp(max=size_in - 1)
@@ -26,7 +31,7 @@ def _weights(size_in: int, size_out: int, device: torch.device, dtype: torch.dty
     rows = torch.arange(size_out)
     w.index_put_((rows, i0), 1.0 - lam, accumulate=True)
     w.index_put_((rows, i1), lam, accumulate=True)
-    return w.to(device=device, dtype=dtype)
+    return w
 
 
 def resize_bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:

@@ -108,13 +108,11 @@ class ViTBackbone(nn.Module):
         state = _read_state_dict(path)
         own = self.vit.state_dict()
         if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
-            prefix = 0 if self.vit.no_embed_class else self.num_prefix_tokens
-            state["pos_embed"] = resample_abs_pos_embed(
-                state["pos_embed"].float(),
-                new_size=list(self.vit.patch_embed.grid_size),
-                num_prefix_tokens=prefix,
-            )
+            state["pos_embed"] = self._fit_pos_embed(state["pos_embed"].float())
         state = {k: v for k, v in state.items() if not k.startswith("head.") and not k.startswith("fc_norm.")}
+        for token in ("cls_token", "reg_token"):  # e.g. SegViT drops the ImageNet cls token
+            if getattr(self.vit, token) is None:
+                state.pop(token, None)
         missing, unexpected = self.vit.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
         if missing or unexpected:
@@ -123,6 +121,23 @@ class ViTBackbone(nn.Module):
         bad = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
         if bad:
             raise WeightsError(f"Shape mismatch for {bad[:5]} loading {path}.")
+
+    def _fit_pos_embed(self, pos: Tensor) -> Tensor:
+        """Resample a checkpoint's position embedding to this model's grid and prefix tokens.
+
+        A checkpoint with a cls position (e.g. ImageNet ViT-B, 1 + 14²) loaded into a model without a
+        cls token (SegViT's backbone) keeps only the grid part; the prefix count is read off the size.
+        """
+        own_prefix = 0 if self.vit.no_embed_class else self.num_prefix_tokens
+        n = pos.shape[1]
+        side = int(round((n - own_prefix) ** 0.5))
+        ckpt_prefix = own_prefix if side * side == n - own_prefix else n - int(n ** 0.5) ** 2
+        grid = pos[:, ckpt_prefix:]
+        grid = resample_abs_pos_embed(grid, new_size=list(self.vit.patch_embed.grid_size), num_prefix_tokens=0)
+        prefix = pos[:, :ckpt_prefix][:, :own_prefix]
+        if prefix.shape[1] != own_prefix:
+            raise WeightsError(f"Checkpoint pos_embed has {ckpt_prefix} prefix positions; model needs {own_prefix}.")
+        return torch.cat([prefix, grid], dim=1)
 
     def embed(self, images: Tensor) -> Tensor:
         """Patch-embed and add positions: [B, 3, H, W] → [B, prefix + h·w, C]."""
