@@ -1,0 +1,145 @@
+"""The user's commands end to end: config groups, train → eval round trip, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import MissingMandatoryValue
+
+from dtop.cli.common import CONFIG_PATH
+from dtop.lit.module import CheckpointError, load_model_weights
+from dtop.models.vit import ViTBackbone, WeightsError
+
+TINY = ["logger=csv", "data.train_size=32", "data.val_size=8", "data.batch_size=8", "data.val_batch_size=4",
+        "data.image_size=[64,64]", "trainer.max_steps=4", "trainer.val_check_interval=2", "model.backbone.depth=4",
+        "model.prune_layers=[2,3]"]
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def cli(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"dtop.cli.{module}", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def newest_run(root: Path, task: str) -> Path:
+    return sorted((root / "logs" / task / "runs").iterdir())[-1]
+
+
+GROUP_EXTRAS = {"experiment": ["++teacher_ckpt=x", "++init_ckpt=x"], "regime": ["++init_ckpt=x"]}
+
+
+@pytest.mark.parametrize("group", ["data", "model", "module", "trainer", "logger", "callbacks", "paths", "hydra",
+                                   "debug", "experiment", "regime"])
+def test_every_option_of_every_group_composes(group):
+    options = sorted(p.stem for p in (Path(CONFIG_PATH) / group).glob("*.yaml"))
+    assert options
+    with initialize_config_dir(CONFIG_PATH, version_base="1.3"):
+        for option in options:
+            override = f"hydra={option}" if group == "hydra" else f"{group}={option}"
+            extras = [e for e in GROUP_EXTRAS.get(group, [])]
+            cfg = compose("train", overrides=[override, *extras], return_hydra_config=group == "hydra")
+            assert "model" in cfg and "data" in cfg, option
+
+
+def test_wrong_key_and_missing_value_are_hydra_errors(tmp_path):
+    with initialize_config_dir(CONFIG_PATH, version_base="1.3"):
+        with pytest.raises(ConfigCompositionException):
+            compose("train", overrides=["model.no_such_key=1"])
+        cfg = compose("eval")
+        with pytest.raises(MissingMandatoryValue):
+            _ = cfg.ckpt_path
+    proc = cli("train", "trainer.max_stepz=3", cwd=tmp_path)
+    assert proc.returncode != 0 and "max_stepz" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_train_eval_round_trip_and_resume(tmp_path):
+    out = ok(cli("train", *TINY, cwd=tmp_path)).stdout
+    run = newest_run(tmp_path, "train")
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("mIoU", "aAcc", "mAcc", "images", "gmacs", "gmacs_linear", "gmacs_dense", "gmacs_linear_dense",
+                "tokens_per_stage", "keep_ratio_per_stage", "config", "dense"):
+        assert key in metrics, key
+    assert metrics["images"] == 8 and metrics["config"]["trainer"]["max_steps"] == 4
+    assert "pruned" in out and "dense" in out  # the closing summary table
+    assert (run / "config.yaml").exists()
+    table = pd.read_parquet(run / "per_image.parquet")
+    assert len(table) == 8 and {"image_id", "tokens_s0", "exits_s0", "gmacs", "gmacs_linear", "pixel_acc"} <= set(table)
+
+    evaluated = metrics["checkpoint"]  # the checkpoint dtop-train's own summary evaluated
+    ok(cli("evaluate", *TINY, f"ckpt_path={evaluated}", "eval_dense=true", cwd=tmp_path))
+    again = json.loads((newest_run(tmp_path, "eval") / "metrics.json").read_text())
+    for key in ("mIoU", "aAcc", "mAcc", "images", "gmacs", "gmacs_linear", "tokens_per_stage"):
+        assert again[key] == metrics[key], key
+    assert again["dense"] == metrics["dense"]
+
+    ckpt = run / "checkpoints" / "last.ckpt"
+
+    ok(cli("train", *[o for o in TINY if not o.startswith("trainer.max_steps")], "trainer.max_steps=6",
+           f"ckpt_path={ckpt}", cwd=tmp_path))
+    resumed = newest_run(tmp_path, "train")
+    state = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 6
+    first = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert first["global_step"] == 4
+    assert state["lr_schedulers"][0]["last_epoch"] == 6
+
+
+def test_bad_checkpoint_and_weights_give_one_clear_error(tmp_path):
+    bad = tmp_path / "broken.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(CheckpointError, match="unreadable or truncated"):
+        load_model_weights(model, bad)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model_weights(model, tmp_path / "missing.ckpt")
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"\x00" * 10)
+    with pytest.raises(WeightsError, match="Could not read"):
+        ViTBackbone("vit_tiny_patch16_224", img_size=32, depth=1, weights=str(weights))
+    proc = cli("evaluate", *TINY, f"ckpt_path={bad}", cwd=tmp_path)
+    assert proc.returncode != 0 and "unreadable or truncated" in proc.stderr
+
+
+def test_flops_prints_json_last_line(tmp_path):
+    proc = ok(cli("flops", "input_size=[512,512]", "model.backbone.name=vit_base_patch16_224", "~model.backbone.depth",
+                  "data.num_classes=150", "model.prune_layers=[6,8]", cwd=tmp_path))
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["gmacs"] == pytest.approx(107.27, abs=0.01)  # SETR ViT-B 512²: DToP Table 7 says 107.7 G
+    assert result["gmacs_linear"] < result["gmacs"]
+
+
+def test_bench_runs_on_cpu(tmp_path):
+    proc = ok(cli("bench", "input_size=[64,64]", "model.backbone.depth=4", "model.prune_layers=[2,3]",
+                  "batch_size=2", "iters=2", "warmup=1", "keep=[0.6,0.4]", cwd=tmp_path))
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    inf = result["inference"]
+    assert inf["gmacs_ratio"] < 0.8 and inf["efficiency"] > 0 and "train" in result
+    assert json.loads((newest_run(tmp_path, "bench") / "bench.json").read_text())["batch_size"] == 2
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "camvid").is_dir() or not (SHARED / "weights").is_dir(),
+                    reason="../shared/data/camvid and ../shared/weights are not present")
+def test_camvid_experiments_run_a_few_steps(tmp_path):
+    """Each camvid_* experiment composes and trains 2 steps on the real data: dense → DToP finetune, DoViT."""
+    common = ["trainer=default", "trainer.max_steps=2", "trainer.val_check_interval=2", "data.batch_size=2",
+              "data.num_workers=0", "data.crop_size=[140,196]", "data.stride=[98,98]", "logger=csv", "test=false",
+              f"data.root={SHARED / 'data' / 'camvid'}",
+              f"model.backbone.weights={SHARED / 'weights' / 'dinov2_vits14.safetensors'}", "+trainer.limit_val_batches=2"]
+    ok(cli("train", "experiment=camvid_dense_fcn", *common, cwd=tmp_path))
+    dense = newest_run(tmp_path, "train") / "checkpoints" / "last.ckpt"
+    ok(cli("train", "experiment=camvid_dtop_fcn", f"module.init_ckpt={dense}", *common, cwd=tmp_path))
+    ok(cli("train", "experiment=camvid_dovit_fcn", f"teacher_ckpt={dense}", *common, cwd=tmp_path))
+    assert len(list((tmp_path / "logs" / "train" / "runs").glob("*/checkpoints/last.ckpt"))) == 3
