@@ -12,16 +12,22 @@ run() {
   python -m dtop.cli.bench "${common[@]}" "$@" hydra.run.dir="$out/$name" > "$out/$name.log" 2>&1 \
     && tail -n 1 "$out/$name.log" > "$out/$name.json" || { echo "FAILED $name"; tail -n 20 "$out/$name.log"; }
 }
-run vitb_512_b1 "${vitb[@]}" batch_size=1 input_size=[512,512] model.backbone.img_size=[512,512] iters=100 warmup=20
-run vitb_512_b1_graphs "${vitb[@]}" batch_size=1 input_size=[512,512] model.backbone.img_size=[512,512] iters=100 warmup=20 cuda_graphs=true train_step=false
-run vitb_512_b8_graphs "${vitb[@]}" batch_size=8 input_size=[512,512] model.backbone.img_size=[512,512] iters=40 cuda_graphs=true train_step=false
-run vitb_512_b8 "${vitb[@]}" batch_size=8 input_size=[512,512] model.backbone.img_size=[512,512] iters=40
-run vitb_512_b32 "${vitb[@]}" batch_size=32 input_size=[512,512] model.backbone.img_size=[512,512] iters=20
-run vitl_512_b8 "${vitl[@]}" batch_size=8 input_size=[512,512] model.backbone.img_size=[512,512] iters=20
-run vitl_512_b8_graphs "${vitl[@]}" batch_size=8 input_size=[512,512] model.backbone.img_size=[512,512] iters=20 cuda_graphs=true train_step=false
-run vitl_512_b32 "${vitl[@]}" batch_size=32 input_size=[512,512] model.backbone.img_size=[512,512] iters=10 train_step=false
-run vitl_1024x2048_b1 "${vitl[@]}" batch_size=1 input_size=[1024,2048] model.backbone.img_size=[1024,2048] iters=10 train_step=false
-run vitl_1024x2048_b2 "${vitl[@]}" batch_size=2 input_size=[1024,2048] model.backbone.img_size=[1024,2048] iters=10 train_step=false
+b512=(input_size=[512,512] model.backbone.img_size=[512,512] train_step=false)
+big=(input_size=[1024,2048] model.backbone.img_size=[1024,2048] train_step=false iters=10)
+for mode in eager graphs; do
+  g=(); [ $mode = graphs ] && g=(cuda_graphs=true)
+  run vitb_512_b1_$mode "${vitb[@]}" "${b512[@]}" "${g[@]}" batch_size=1 iters=100 warmup=20
+  run vitb_512_b8_$mode "${vitb[@]}" "${b512[@]}" "${g[@]}" batch_size=8 iters=40
+  run vitb_512_b32_$mode "${vitb[@]}" "${b512[@]}" "${g[@]}" batch_size=32 iters=20
+  run vitl_512_b8_$mode "${vitl[@]}" "${b512[@]}" "${g[@]}" batch_size=8 iters=20
+  run vitl_512_b32_$mode "${vitl[@]}" "${b512[@]}" "${g[@]}" batch_size=32 iters=10
+  run vitl_1024x2048_b1_$mode "${vitl[@]}" "${big[@]}" "${g[@]}" batch_size=1
+  run vitl_1024x2048_b2_$mode "${vitl[@]}" "${big[@]}" "${g[@]}" batch_size=2
+done
+# training step at a schedule that cuts ~35 % of the GMACs (keep 40 % after layer 6, 25 % after 8)
+run vitb_512_b8_train "${vitb[@]}" input_size=[512,512] model.backbone.img_size=[512,512] batch_size=8 iters=20 keep=[0.4,0.25] keep_spread=0.1
+run vitb_512_b32_train "${vitb[@]}" input_size=[512,512] model.backbone.img_size=[512,512] batch_size=32 iters=10 keep=[0.4,0.25] keep_spread=0.1
+run vitl_512_b8_train "${vitl[@]}" input_size=[512,512] model.backbone.img_size=[512,512] batch_size=8 iters=10 keep=[0.3,0.2] keep_spread=0.1
 python - "$out" <<'PY'
 import json, sys, pathlib
 rows = []

@@ -113,8 +113,7 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
             recorded.keep = masks[i % len(masks)]
         images, _ = inputs(i)
         with torch.no_grad(), autocast, (model.dense_mode() if dense else nullcontext()):
-            out = model(images)
-            model.decode_head.scores(model.upsample(out.logits, out), out.presence)
+            model.predict(images)
 
     model.eval()
     graph_diff = None

@@ -81,7 +81,8 @@ class Segmentor(nn.Module):
     def num_stages(self) -> int:
         return len(self.prune_layers) + 1
 
-    def forward(self, images: Tensor) -> SegOutput:
+    def forward(self, images: Tensor, keep_stages: bool = True) -> SegOutput:
+        """``keep_stages=False`` (inference) skips the per-stage maps that only the aux losses need."""
         B, _, H, W = images.shape
         p = self.backbone.patch_size
         Hp, Wp = -(-H // p) * p, -(-W // p) * p
@@ -100,6 +101,7 @@ class Segmentor(nn.Module):
             macs=torch.full((B,), float(pe), dtype=torch.float64, device=dev),
             macs_linear=torch.full((B,), float(pe), dtype=torch.float64, device=dev),
             has_cls=self.backbone.has_cls_token,
+            keep_stages=keep_stages,
         )
         ends = self.prune_layers + [self.backbone.depth]
         start = 0
@@ -109,7 +111,7 @@ class Segmentor(nn.Module):
             state.tokens.append(lengths - special)
             blocks = self.backbone.blocks[start:end]
             if self.graphs is not None and self._graphable(stream.x):
-                stream = self.graphs(blocks, stream)
+                stream = self.graphs(blocks, stream, full=stream.x.shape[0] == B * (N + self.backbone.num_prefix_tokens))
             else:
                 stream = blocks_forward(blocks, stream)
             state.add_macs(blocks_macs(self.backbone.blocks[start:end], lengths))
@@ -190,5 +192,5 @@ class Segmentor(nn.Module):
 
     def predict(self, images: Tensor, size: tuple[int, int] | None = None) -> tuple[Tensor, SegOutput]:
         """Per-pixel class scores [B, K, H, W] (at ``size`` or the input size) and the raw output."""
-        out = self(images)
+        out = self(images, keep_stages=False)
         return self.decode_head.scores(self.upsample(out.logits, out, size), out.presence), out

@@ -208,16 +208,21 @@ class BlockGraphs:
     def _round(self, n: int) -> int:
         return -(-n // self.bucket) * self.bucket
 
-    def __call__(self, blocks: Sequence[Block], stream: TokenStream) -> TokenStream:
+    def __call__(self, blocks: Sequence[Block], stream: TokenStream, full: bool = False) -> TokenStream:
+        """``full``: the stream is the whole unpruned batch, whose one size gets an exact graph."""
         T, C = stream.x.shape
         B = stream.batch_size
-        Tb = self._round(T + 1)
-        max_len = min(Tb, self._round(max(stream.max_len, Tb - T)))
+        uniform = full and stream.uniform
+        if uniform:  # the dense layout: exact size, batched SDPA as eager would use
+            Tb, max_len = T, stream.max_len
+        else:
+            Tb = self._round(T + 1)
+            max_len = min(Tb, self._round(max(stream.max_len, Tb - T)))
         amp = torch.is_autocast_enabled("cuda")
         amp_dtype = torch.get_autocast_dtype("cuda") if amp else None
-        key = (id(blocks[0]), len(blocks), Tb, max_len, B, stream.x.dtype, amp_dtype)
+        key = (id(blocks[0]), len(blocks), Tb, max_len, B, uniform, stream.x.dtype, amp_dtype)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(blocks, Tb, C, B, max_len, stream.x, amp_dtype)
+            self.graphs[key] = self._capture(blocks, Tb, C, B, max_len, stream.x, amp_dtype, uniform)
         graph, x_in, cu, out = self.graphs[key]
         x_in[:T].copy_(stream.x)
         cu[: B + 1].copy_(stream.cu_seqlens)
@@ -225,12 +230,15 @@ class BlockGraphs:
         return stream.with_x(out[:T].clone())
 
     def _capture(self, blocks: Sequence[Block], Tb: int, C: int, B: int, max_len: int, like: Tensor,
-                 amp_dtype: torch.dtype | None) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor]:
+                 amp_dtype: torch.dtype | None, uniform: bool) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor]:
         x_in = like.new_zeros(Tb, C)
         cu = torch.full((B + 2,), Tb, dtype=torch.int32, device=like.device)
         cu[: B + 1] = torch.arange(B + 1, device=like.device, dtype=torch.int32)  # any valid layout to warm up
         dummy = torch.zeros(Tb, dtype=torch.long, device=like.device)
-        capture_stream = TokenStream(x_in, dummy, dummy, cu, max_len, B + 1, 0, False)
+        if uniform:
+            capture_stream = TokenStream(x_in, dummy, dummy, cu[: B + 1], max_len, B, 0, True)
+        else:
+            capture_stream = TokenStream(x_in, dummy, dummy, cu, max_len, B + 1, 0, False)
 
         def run() -> Tensor:
             with torch.autocast("cuda", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None,

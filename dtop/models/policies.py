@@ -41,6 +41,20 @@ class RunState:
     buffer: Tensor | None = None  # [B·N, C] reconstructed features (DoViT)
     stopped: Tensor | None = None  # [B·N] bool (DoViT)
     has_cls: bool = False  # each segment starts with a cls token
+    keep_stages: bool = True  # keep per-stage maps (for aux losses); inference drops them to save memory
+
+    def write_canvas(self, flat: Tensor, logits: Tensor) -> None:
+        """Overwrite the canvas at ``flat`` (in place when no stage snapshot or gradient needs the old one)."""
+        logits = logits.to(self.canvas.dtype)
+        if self.keep_stages or torch.is_grad_enabled():
+            self.canvas = self.canvas.index_put((flat,), logits)
+        else:
+            self.canvas.index_put_((flat,), logits)
+
+    def snapshot(self, logits: Tensor, presence: Tensor | None) -> None:
+        if self.keep_stages:
+            self.stage_logits.append(logits)
+            self.stage_presence.append(presence)
 
     @property
     def num_patches(self) -> int:
@@ -150,14 +164,12 @@ class DToP(Policy):
                   state: RunState) -> TokenStream:
         idx, ps = stream.patches()
         if ps.x.shape[0] == 0:
-            state.stage_logits.append(state.canvas)
-            state.stage_presence.append(None)
+            state.snapshot(state.canvas, None)
             return stream
         out = head(ps.x, ps)
         flat = state.flat(ps)
-        state.canvas = state.canvas.index_put((flat,), out.logits.to(state.canvas.dtype))
-        state.stage_logits.append(state.canvas)
-        state.stage_presence.append(out.presence)
+        state.write_canvas(flat, out.logits)
+        state.snapshot(state.canvas, out.presence)
         state.add_macs(head.macs(ps.lengths))
         if not self.prunes_at(stage, num_aux):
             return stream
@@ -189,7 +201,7 @@ class DToP(Policy):
         if ps.x.shape[0] == 0:
             return None, None
         out = head(norm(ps.x), ps)
-        state.canvas = state.canvas.index_put((state.flat(ps),), out.logits.to(state.canvas.dtype))
+        state.write_canvas(state.flat(ps), out.logits)
         state.add_macs(head.macs(ps.lengths))
         return out.presence, None
 
@@ -223,8 +235,7 @@ class DoViT(Policy):
         fs = state.full_stream(full)
         out = head(full, fs)
         state.buffer = full
-        state.stage_logits.append(out.logits.to(state.canvas.dtype))
-        state.stage_presence.append(out.presence)
+        state.snapshot(out.logits.to(state.canvas.dtype), out.presence)
         state.add_macs(head.macs(fs.lengths))
         if not self.prunes_at(stage, num_aux):
             return stream
