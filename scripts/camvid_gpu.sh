@@ -2,6 +2,7 @@
 # The README's CamVid table on one GPU (weights + data copied to .assets/, see README).
 #   bash scripts/camvid_gpu.sh dense   OUT   # dense baseline + DToP@Direct sweep
 #   bash scripts/camvid_gpu.sh tuned   OUT   # DToP@Finetune at chosen ξ + DoViT (needs the dense run)
+#   bash scripts/camvid_gpu.sh speed   OUT   # images/s (bf16) of the ξ=0.99 finetuned model on val images (needs tuned)
 set -uo pipefail
 stage=$1; out=$2; mkdir -p "$out"
 A=.assets
@@ -20,6 +21,16 @@ if [ "$stage" = tuned ]; then
   done
   python -m dtop.cli.train experiment=camvid_dovit_fcn "${paths[@]}" teacher_ckpt=$ck model.pruning.threshold=${DOVIT_THR:-0.95} \
     hydra.run.dir=logs/camvid/dovit > "$out/dovit.log" 2>&1 || tail -30 "$out/dovit.log"
+fi
+if [ "$stage" = speed ]; then
+  b=(experiment=camvid_dtop_fcn ckpt_path=logs/camvid/finetune_0.99/checkpoints/best.ckpt model.pruning.threshold=0.99
+     "${paths[@]}" dtype=bf16 train_step=false input_size=[364,476])
+  for g in false true; do
+    for bs in 16 1; do
+      python -m dtop.cli.bench "${b[@]}" batch_size=$bs iters=40 cuda_graphs=$g hydra.run.dir=logs/camvid/bench_${bs}_$g \
+        2>&1 | tail -1 >> "$out/camvid_bench.jsonl"
+    done
+  done
 fi
 python - "$out" <<'PY'
 import json, pathlib, sys
