@@ -2,6 +2,7 @@
 # The README's CamVid table on one GPU (weights + data copied to .assets/, see README).
 #   bash scripts/camvid_gpu.sh dense   OUT   # dense baseline + DToP@Direct sweep
 #   bash scripts/camvid_gpu.sh tuned   OUT   # DToP@Finetune at chosen ξ + DoViT (needs the dense run)
+#   bash scripts/camvid_gpu.sh atm     OUT   # ATM heads: dense baseline, Direct ξ sweep, Finetune at ξ=$ATM_THR
 #   bash scripts/camvid_gpu.sh speed   OUT   # images/s (bf16) of the ξ=0.99 finetuned model on val images (needs tuned)
 set -uo pipefail
 stage=$1; out=$2; mkdir -p "$out"
@@ -21,6 +22,15 @@ if [ "$stage" = tuned ]; then
   done
   python -m dtop.cli.train experiment=camvid_dovit_fcn "${paths[@]}" teacher_ckpt=$ck model.pruning.threshold=${DOVIT_THR:-0.95} \
     hydra.run.dir=logs/camvid/dovit > "$out/dovit.log" 2>&1 || tail -30 "$out/dovit.log"
+fi
+if [ "$stage" = atm ]; then
+  atm_dir=logs/camvid/atm_dense
+  python -m dtop.cli.train experiment=camvid_dense_atm "${paths[@]}" hydra.run.dir=$atm_dir > "$out/atm_dense.log" 2>&1 || { tail -30 "$out/atm_dense.log"; exit 1; }
+  python -m dtop.cli.evaluate -m experiment=camvid_dense_atm "${paths[@]}" ckpt_path=$atm_dir/checkpoints/best.ckpt \
+    model.pruning.threshold=0.9,0.95,0.98 hydra.sweep.dir=logs/camvid/atm_direct > "$out/atm_direct.log" 2>&1 || tail -30 "$out/atm_direct.log"
+  python -m dtop.cli.train experiment=camvid_dense_atm "${paths[@]}" module.init_ckpt=$atm_dir/checkpoints/best.ckpt \
+    model.pruning.threshold=${ATM_THR:-0.95} trainer.max_steps=1000 trainer.val_check_interval=500 module.warmup_iters=50 \
+    eval_dense=true hydra.run.dir=logs/camvid/atm_finetune > "$out/atm_finetune.log" 2>&1 || tail -30 "$out/atm_finetune.log"
 fi
 if [ "$stage" = speed ]; then
   b=(experiment=camvid_dtop_fcn ckpt_path=logs/camvid/finetune_0.99/checkpoints/best.ckpt model.pruning.threshold=0.99
