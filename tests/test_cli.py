@@ -84,6 +84,9 @@ def test_train_eval_round_trip_and_resume(tmp_path):
     for key in ("mIoU", "aAcc", "mAcc", "images", "gmacs", "gmacs_linear", "tokens_per_stage"):
         assert again[key] == metrics[key], key
     assert again["dense"] == metrics["dense"]
+    flops = json.loads(ok(cli("flops", *TINY, f"ckpt_path={evaluated}", cwd=tmp_path)).stdout.strip().splitlines()[-1])
+    assert flops["pruned_gmacs"] == metrics["gmacs"] and flops["pruned_images"] == 8
+    assert flops["gmacs"] == metrics["dense"]["gmacs"]  # analytic dense = measured dense forward
 
     ckpt = run / "checkpoints" / "last.ckpt"
 

@@ -74,9 +74,9 @@ class TokenStream:
     def patches(self) -> tuple[Tensor, TokenStream]:
         """Indices of the patch tokens and the sub-stream they form (no host sync)."""
         n = self.x.shape[0] - self.num_special
-        idx = torch.argsort((self.pos < 0).to(torch.uint8), stable=True)[:n]
         if self.num_special == 0:
-            return idx, self
+            return torch.arange(n, device=self.x.device), self
+        idx = torch.argsort((self.pos < 0).to(torch.uint8), stable=True)[:n]
         batch = self.batch[idx]
         counts = torch.zeros(self.batch_size, dtype=torch.long, device=batch.device)
         counts.index_add_(0, batch, torch.ones_like(batch))

@@ -146,7 +146,8 @@ class DToP(Policy):
     def prunes_at(self, stage: int, num_aux: int) -> bool:
         return self.enabled and (self.context == "fixed_ratio" or self.threshold_at(stage, num_aux) < 1.0)
 
-    def _exits(self, conf: Tensor, cls: Tensor, ps: TokenStream, thr: float, K: int) -> tuple[Tensor, Tensor]:
+    def _exits(self, conf: Tensor, cls: Tensor, ps: TokenStream, thr: float, K: int,
+               stage: int) -> tuple[Tensor, Tensor]:
         """(tokens that leave the computation, tokens graded easy) among the patch tokens ``ps``."""
         if self.context == "fixed_ratio":
             ratio = self.ratio.to(ps.x.device) if isinstance(self.ratio, Tensor) else self.ratio
@@ -175,7 +176,7 @@ class DToP(Policy):
             return stream
         thr = self.threshold_at(stage, num_aux)
         conf, cls = head.token_probs(out, ps).max(-1)
-        exits, easy = self._exits(conf, cls, ps, thr, state.num_classes)
+        exits, easy = self._exits(conf, cls, ps, thr, state.num_classes, stage)
         state.exit_stage = state.exit_stage.index_put(
             (flat,), torch.where(exits, torch.full_like(flat, stage), state.exit_stage[flat]))
         keep = torch.ones(stream.x.shape[0], dtype=torch.bool, device=idx.device).index_put((idx,), ~exits)
@@ -289,15 +290,10 @@ class RecordedDecisions(DToP):
     def prunes_at(self, stage: int, num_aux: int) -> bool:
         return self.enabled and stage < len(self.keep)
 
-    def _exits(self, conf: Tensor, cls: Tensor, ps: TokenStream, thr: float, K: int) -> tuple[Tensor, Tensor]:
-        stage = self._stage
+    def _exits(self, conf: Tensor, cls: Tensor, ps: TokenStream, thr: float, K: int,
+               stage: int) -> tuple[Tensor, Tensor]:
         leave = ~self.keep[stage].to(ps.x.device)[ps.batch, ps.pos]
         return leave, leave
-
-    def stage_end(self, stage: int, num_aux: int, stream: TokenStream, head: SegHead,
-                  state: RunState) -> TokenStream:
-        self._stage = stage
-        return super().stage_end(stage, num_aux, stream, head, state)
 
 
 def random_keep_masks(batch: int, num_patches: int, keep: Sequence[float], spread: float,
