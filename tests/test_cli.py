@@ -12,6 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from dtop.cli.common import CONFIG_PATH
@@ -52,6 +53,8 @@ def test_every_option_of_every_group_composes(group):
             extras = [e for e in GROUP_EXTRAS.get(group, [])]
             cfg = compose("train", overrides=[override, *extras], return_hydra_config=group == "hydra")
             assert "model" in cfg and "data" in cfg, option
+            for node in ("model", "data", "module"):  # every interpolation resolves (trainer needs the run dir)
+                OmegaConf.to_container(cfg[node], resolve=True)
 
 
 def test_wrong_key_and_missing_value_are_hydra_errors(tmp_path):
