@@ -10,7 +10,6 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 from rich.console import Console
@@ -18,21 +17,16 @@ from rich.table import Table
 
 from dtop.cli.common import CONFIG_PATH, build, evaluate_checkpoint, make_trainer
 from dtop.models.engine import Segmentor
-from dtop.models.macs import blocks_macs, patch_embed_macs
 
 
 def breakdown(model: Segmentor, height: int, width: int) -> list[tuple[str, float, float]]:
-    """(part, GMACs, GMACs linear) of the dense model at inference (no aux heads) for one image."""
-    p = model.backbone.patch_size
-    N = -(-height // p) * (-(-width // p))
-    n_all = torch.tensor([N + model.backbone.num_prefix_tokens])
-    rows = [("patch embed", *(2 * [patch_embed_macs(N, p, 3, model.backbone.embed_dim) / 1e9]))]
-    blocks = [blocks_macs([b], n_all) for b in model.backbone.blocks]
-    rows.append((f"{len(blocks)} blocks ({int(n_all)} tokens)", sum(float(a) for a, _ in blocks) / 1e9,
-                 sum(float(b) for _, b in blocks) / 1e9))
-    a, b = model.decode_head.macs(torch.tensor([N]))
-    rows.append((f"decode head ({type(model.decode_head).__name__})", float(a) / 1e9, float(b) / 1e9))
-    return rows
+    """(part, GMACs, GMACs linear) of the dense model at inference (no aux heads), blocks in one row."""
+    parts = model.dense_macs_parts(height, width)
+    blocks = [row for row in parts if row[0].startswith("block ")]
+    tokens = blocks[0][0].split("(")[1].rstrip(")")
+    rows = [parts[0], (f"{len(blocks)} blocks ({tokens})", sum(a for _, a, _ in blocks), sum(b for _, _, b in blocks)),
+            parts[-1]]
+    return [(name, a / 1e9, b / 1e9) for name, a, b in rows]
 
 
 def flops(cfg: DictConfig) -> dict[str, Any]:

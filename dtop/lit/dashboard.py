@@ -347,7 +347,7 @@ class Dashboard(L.Callback):
                                "exit": legend[s], "tokens": int(counts[k, s])}
                               for k in range(K) for s in range(S) if counts[k].sum() > 0])
         table.to_csv(out / "exit_class.csv", index=False)
-        self._palette, self._names, self._legend, self._patch, self._ignore = palette, names, legend, p, ignore
+        self._names, self._legend, self._patch, self._ignore = names, legend, p, ignore
         return panels
 
     # -------------------------------------------------------------- loggers

@@ -63,6 +63,7 @@ class Segmentor(nn.Module):
         self.prune_layers = prune_layers
         self.policy = policy if policy is not None else DToP(1.0)
         self.graphs: BlockGraphs | None = None
+        self._dense_macs: dict[tuple[int, int], tuple[float, float]] = {}
 
     def enable_cuda_graphs(self, bucket: int = 64) -> None:
         """Replay the blocks of each stage as CUDA graphs at inference (CUDA, fp16/bf16, no autograd)."""
@@ -114,7 +115,7 @@ class Segmentor(nn.Module):
                 stream = self.graphs(blocks, stream, full=stream.x.shape[0] == B * (N + self.backbone.num_prefix_tokens))
             else:
                 stream = blocks_forward(blocks, stream)
-            state.add_macs(blocks_macs(self.backbone.blocks[start:end], lengths))
+            state.add_macs(blocks_macs(blocks, lengths))
             start = end
             if stage < len(self.aux_heads) and (self.training or self.policy.prunes_at(stage, len(self.aux_heads))):
                 stream = self.policy.stage_end(stage, len(self.aux_heads), stream, self.aux_heads[stage], state)
@@ -166,22 +167,29 @@ class Segmentor(nn.Module):
         finally:
             self.policy.enabled = before
 
-    def dense_macs(self, height: int, width: int) -> tuple[float, float]:
-        """Analytic (macs, macs_linear) of the unpruned model for one H×W image at inference.
+    def dense_macs_parts(self, height: int, width: int) -> list[tuple[str, float, float]]:
+        """(part, macs, macs_linear) of the unpruned model at inference for one H×W image.
 
         Without pruning, inference runs no aux head (they only train), as mmseg's dense models.
         """
         p = self.backbone.patch_size
         N = -(-height // p) * (-(-width // p))
         n_all = torch.tensor([N + self.backbone.num_prefix_tokens])
-        n = torch.tensor([N])
-        total = float(patch_embed_macs(N, p, 3, self.backbone.embed_dim))
-        macs, lin = torch.tensor([total], dtype=torch.float64), torch.tensor([total], dtype=torch.float64)
-        a, b = blocks_macs(self.backbone.blocks, n_all)
-        macs, lin = macs + a, lin + b
-        a, b = self.decode_head.macs(n)
-        macs, lin = macs + a, lin + b
-        return float(macs), float(lin)
+        embed = float(patch_embed_macs(N, p, 3, self.backbone.embed_dim))
+        parts = [("patch embed", embed, embed)]
+        parts += [(f"block {i + 1} ({int(n_all)} tokens)", *map(float, blocks_macs([b], n_all)))
+                  for i, b in enumerate(self.backbone.blocks)]
+        parts.append((f"decode head ({type(self.decode_head).__name__})",
+                      *map(float, self.decode_head.macs(torch.tensor([N])))))
+        return parts
+
+    def dense_macs(self, height: int, width: int) -> tuple[float, float]:
+        """Analytic (macs, macs_linear) of the unpruned model at inference for one H×W image."""
+        key = (height, width)
+        if key not in self._dense_macs:  # constant per input size; eval asks once per batch
+            parts = self.dense_macs_parts(height, width)
+            self._dense_macs[key] = (sum(a for _, a, _ in parts), sum(b for _, _, b in parts))
+        return self._dense_macs[key]
 
     def upsample(self, logits: Tensor, out: SegOutput, size: tuple[int, int] | None = None) -> Tensor:
         """Token-grid logits → the input's pixels (crop the padding), then optionally to ``size``."""

@@ -41,8 +41,3 @@ def blocks_macs(blocks: Sequence[Block], n: Tensor) -> tuple[Tensor, Tensor]:
 
 def patch_embed_macs(num_patches: int, patch_size: int, in_chans: int, dim: int) -> int:
     return num_patches * patch_size * patch_size * in_chans * dim
-
-
-def block_macs(block: Block, n: Tensor) -> tuple[Tensor, Tensor]:
-    """MACs of one block for ``n`` tokens per image: (all, linear only)."""
-    return blocks_macs([block], n)
