@@ -1,6 +1,6 @@
-"""Where pruned inference spends its time on a GPU: kernel time vs wall time, top kernels.
+"""Where pruned inference or a training step spends its time on a GPU: kernel vs wall time, top ops.
 
-python scripts/profile_gpu.py [vit_base_patch16_224] [batch] [size]
+python scripts/profile_gpu.py [vit_base_patch16_224] [batch] [size] [infer|train]
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import sys
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from dtop.models.build import build_segmentor
@@ -19,21 +20,32 @@ from dtop.models.vit import ViTBackbone
 name = sys.argv[1] if len(sys.argv) > 1 else "vit_base_patch16_224"
 B = int(sys.argv[2]) if len(sys.argv) > 2 else 8
 S = int(sys.argv[3]) if len(sys.argv) > 3 else 512
+mode = sys.argv[4] if len(sys.argv) > 4 else "infer"
 layers = [6, 8] if "base" in name else [8, 16]
+keep = [0.7, 0.5] if mode == "infer" else [0.4, 0.25]
 model = build_segmentor(ViTBackbone(name, img_size=(S, S)), partial(FCNHead), 150, partial(FCNHead), layers,
-                        RecordedDecisions([])).cuda().eval()
+                        RecordedDecisions([])).cuda()
+model.train(mode == "train")
 N = (S // 16) ** 2
-model.policy.keep = [m.cuda() for m in random_keep_masks(B, N, [0.7, 0.5], 0.2, torch.Generator().manual_seed(0))]
+model.policy.keep = [m.cuda() for m in random_keep_masks(B, N, keep, 0.1, torch.Generator().manual_seed(0))]
 x = torch.randn(B, 3, S, S, device="cuda")
+y = torch.randint(0, 150, (B, S, S), device="cuda")
+opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
 
 def run(dense: bool) -> None:
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast("cuda", dtype=torch.bfloat16), torch.set_grad_enabled(mode == "train"):
         if dense:
             with model.dense_mode():
-                model(x)
+                out = model(x)
         else:
-            model(x)
+            out = model(x)
+        if mode == "train":
+            loss = sum(F.cross_entropy(model.upsample(m, out), y) for m in [out.logits, *out.stage_logits])
+    if mode == "train":
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
 
 for dense in (True, False):
@@ -53,5 +65,5 @@ for dense in (True, False):
         torch.cuda.synchronize()
     events = prof.key_averages()
     kernel_ms = sum(e.device_time_total for e in events if e.device_type.name == "CUDA") / 1e3 / 3
-    print(f"\n=== {'dense' if dense else 'pruned'} {name} b{B} {S}²: wall {wall:.2f} ms, kernels {kernel_ms:.2f} ms")
-    print(events.table(sort_by="device_time_total", row_limit=14, max_name_column_width=60))
+    print(f"\n=== {mode} {'dense' if dense else 'pruned'} {name} b{B} {S}²: wall {wall:.2f} ms, kernels {kernel_ms:.2f} ms")
+    print(events.table(sort_by="device_time_total", row_limit=22, max_name_column_width=70))
