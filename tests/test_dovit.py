@@ -193,7 +193,13 @@ def _state(B: int, grid: tuple[int, int], has_cls: bool = True) -> RunState:
     N = grid[0] * grid[1]
     return RunState(batch_size=B, grid=grid, num_classes=K, num_stages=2, canvas=torch.zeros(B * N, K),
                     exit_stage=torch.ones(B * N, dtype=torch.long), macs=torch.zeros(B, dtype=torch.float64),
-                    macs_linear=torch.zeros(B, dtype=torch.float64), has_cls=has_cls)
+                    macs_linear=torch.zeros(B, dtype=torch.float64), tokens=torch.zeros(B, 2, dtype=torch.long),
+                    has_cls=has_cls)
+
+
+def _decided(decision) -> TokenStream:
+    stream, keep, extra = decision
+    return stream.select(keep, extra)
 
 
 def test_reconstruction_restores_exact_positions():
@@ -275,7 +281,7 @@ def test_stage_end_stops_confident_tokens_accumulates_and_merges():
     state = _state(B, grid)
     state.exit_stage = torch.full((4,), 2)
     policy = DoViT(0.5, agg_rate=0.1)
-    out = policy.stage_end(0, 2, stream, _ChannelHead(), state)
+    out = _decided(policy.stage_end(0, 2, stream, _ChannelHead(), state))
     assert out.pos.tolist() == [-1, 1, 3] and state.stopped.tolist() == [True, False, True, False]
     assert state.exit_stage.tolist() == [0, 2, 0, 2]
     mean = (feats[0, 1] + feats[0, 3]) / 2
@@ -283,7 +289,7 @@ def test_stage_end_stops_confident_tokens_accumulates_and_merges():
     # Stage 1: token 1 becomes confident; stopped accumulate (Eq. 5), the earlier stop keeps its stage.
     x = out.x.clone()
     x[1, 0] = 1.0
-    out2 = policy.stage_end(1, 2, out.with_x(x), _ChannelHead(), state)
+    out2 = _decided(policy.stage_end(1, 2, out.with_x(x), _ChannelHead(), state))
     assert out2.pos.tolist() == [-1, 3] and state.stopped.tolist() == [True, True, True, False]
     assert state.exit_stage.tolist() == [0, 1, 0, 2]
     full = state.buffer.view(4, C)

@@ -97,7 +97,7 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         p = model.backbone.patch_size
         N = (-(-size[0] // p)) * (-(-size[1] // p))
         g = torch.Generator().manual_seed(int(cfg.seed))
-        masks = [random_keep_masks(B, N, cfg.keep, cfg.keep_spread, g) for _ in range(4)]
+        masks = [[m.to(device) for m in random_keep_masks(B, N, cfg.keep, cfg.keep_spread, g)] for _ in range(4)]
         recorded = RecordedDecisions(masks[0])
         model.policy = recorded
     inputs = Inputs(B, size, model.num_classes, device, images=real)
@@ -110,7 +110,7 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
 
     def infer(i: int, dense: bool) -> None:
         if real is None:
-            recorded.keep = masks[i % len(masks)]
+            recorded.set_keep(masks[i % len(masks)])
         images, _ = inputs(i)
         with torch.no_grad(), autocast, (model.dense_mode() if dense else nullcontext()):
             model.predict(images)
@@ -119,11 +119,11 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     graph_diff = None
     if model.graphs is not None:
         if real is None:
-            recorded.keep = masks[0]
+            recorded.set_keep(masks[0])
         with torch.no_grad(), autocast:
-            replayed = model(inputs(0)[0]).logits.float()
+            replayed = model(inputs(0)[0], keep_stages=False).logits.float()
             graphs, model.graphs = model.graphs, None
-            eager = model(inputs(0)[0]).logits.float()
+            eager = model(inputs(0)[0], keep_stages=False).logits.float()
             model.graphs = graphs
         graph_diff = float((replayed - eager).abs().max() / eager.abs().max())
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -137,8 +137,8 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     with torch.no_grad(), autocast:
         for i in range(4 if real is None else 1):
             if real is None:
-                recorded.keep = masks[i]
-            out = model(inputs(i)[0])
+                recorded.set_keep(masks[i])
+            out = model(inputs(i)[0], keep_stages=False)
             macs.append(float(out.stats["macs"].mean()))
             tokens = out.stats["tokens_per_stage"].float().mean(0)
     dense_macs = model.dense_macs(*size)[0]
@@ -167,7 +167,7 @@ def _bench_train(cfg: DictConfig, model: Segmentor, inputs: Inputs, autocast: An
 
     def step(i: int, dense: bool) -> None:
         if recorded is not None:
-            recorded.keep = masks[i % len(masks)]
+            recorded.set_keep(masks[i % len(masks)])
         images, labels = inputs(i)
         with autocast, (model.dense_mode() if dense else nullcontext()):
             out = model(images)

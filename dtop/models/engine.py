@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +18,12 @@ from torch import Tensor, nn
 from dtop.models.heads.base import SegHead
 from dtop.models.macs import blocks_macs, patch_embed_macs
 from dtop.models.resize import resize_bilinear
-from dtop.models.packed import BlockGraphs, TokenStream, blocks_forward
-from dtop.models.policies import DToP, Policy, RunState
+from dtop.models.packed import TokenStream, blocks_forward
+from dtop.models.policies import Decision, DToP, Policy, RunState
 from dtop.models.vit import ViTBackbone
+
+if TYPE_CHECKING:
+    from dtop.models.graphs import StageGraphs
 
 
 @dataclass
@@ -62,12 +65,18 @@ class Segmentor(nn.Module):
         self.aux_heads = nn.ModuleList(aux_heads)
         self.prune_layers = prune_layers
         self.policy = policy if policy is not None else DToP(1.0)
-        self.graphs: BlockGraphs | None = None
+        self.graphs: StageGraphs | None = None
         self._dense_macs: dict[tuple[int, int], tuple[float, float]] = {}
 
     def enable_cuda_graphs(self, bucket: int = 64) -> None:
-        """Replay the blocks of each stage as CUDA graphs at inference (CUDA, fp16/bf16, no autograd)."""
-        self.graphs = BlockGraphs(bucket)
+        """Replay inference as CUDA graphs, one per run of stages between pruning decisions.
+
+        Applies on CUDA with fp16/bf16, no autograd, eval mode and ``keep_stages=False`` (what
+        :meth:`predict` uses); anything else runs eagerly. See :mod:`dtop.models.graphs`.
+        """
+        from dtop.models.graphs import StageGraphs
+
+        self.graphs = StageGraphs(bucket)
 
     def _graphable(self, x: Tensor) -> bool:
         half = (torch.float16, torch.bfloat16)
@@ -84,6 +93,26 @@ class Segmentor(nn.Module):
 
     def forward(self, images: Tensor, keep_stages: bool = True) -> SegOutput:
         """``keep_stages=False`` (inference) skips the per-stage maps that only the aux losses need."""
+        if self.graphs is not None and not keep_stages and self._graphable(images):
+            return self.graphs.run(self, images)
+        stream, state, sizes = self.begin(images, keep_stages)
+        for stage in range(self.num_stages):
+            stream, keep, extra = self.run_stage(stage, stream, state)
+            if keep is not None:
+                stream = stream.select(keep, extra)
+        return self.assemble(state, *sizes)
+
+    def prunes_after(self, stage: int) -> bool:
+        """Whether inference may remove tokens after ``stage`` (else its aux head is not even run)."""
+        return stage < len(self.aux_heads) and self.policy.prunes_at(stage, len(self.aux_heads))
+
+    def begin(self, images: Tensor, keep_stages: bool, phantom: bool = False, state: RunState | None = None
+              ) -> tuple[TokenStream, RunState, tuple[tuple[int, int], tuple[int, int]]]:
+        """Embed the images (padded to patch multiples) and start the run's state.
+
+        ``phantom`` adds the padding image of CUDA-graph replay; a given ``state`` is reset in place.
+        Returns the stream, the state and (input size, padded size).
+        """
         B, _, H, W = images.shape
         p = self.backbone.patch_size
         Hp, Wp = -(-H // p) * p, -(-W // p) * p
@@ -91,68 +120,72 @@ class Segmentor(nn.Module):
             images = F.pad(images, (0, Wp - W, 0, Hp - H))
         grid = (Hp // p, Wp // p)
         N = grid[0] * grid[1]
-        K = self.num_classes
-        stream = TokenStream.from_dense(self.backbone.embed(images), self.backbone.num_prefix_tokens)
-        dev = images.device
-        pe = patch_embed_macs(N, p, images.shape[1], self.backbone.embed_dim)
-        state = RunState(
-            batch_size=B, grid=grid, num_classes=K, num_stages=self.num_stages,
-            canvas=stream.x.new_zeros(B * N, K, dtype=torch.float32),
-            exit_stage=torch.full((B * N,), self.num_stages - 1, dtype=torch.long, device=dev),
-            macs=torch.full((B,), float(pe), dtype=torch.float64, device=dev),
-            macs_linear=torch.full((B,), float(pe), dtype=torch.float64, device=dev),
-            has_cls=self.backbone.has_cls_token,
-            keep_stages=keep_stages,
-        )
-        ends = self.prune_layers + [self.backbone.depth]
-        start = 0
-        for stage, end in enumerate(ends):
-            lengths = stream.lengths
-            special = torch.zeros(B, dtype=torch.long, device=dev).index_add_(0, stream.batch, (stream.pos < 0).long())
-            state.tokens.append(lengths - special)
-            blocks = self.backbone.blocks[start:end]
-            if self.graphs is not None and self._graphable(stream.x):
-                stream = self.graphs(blocks, stream, full=stream.x.shape[0] == B * (N + self.backbone.num_prefix_tokens))
-            else:
-                stream = blocks_forward(blocks, stream)
-            state.add_macs(blocks_macs(blocks, lengths))
-            start = end
-            if stage < len(self.aux_heads) and (self.training or self.policy.prunes_at(stage, len(self.aux_heads))):
-                stream = self.policy.stage_end(stage, len(self.aux_heads), stream, self.aux_heads[stage], state)
-        presence, features = self.policy.finish(stream, self.decode_head, self.backbone.norm, state)
-        return self._assemble(state, presence, features, (H, W), (Hp, Wp))
+        stream = TokenStream.from_dense(self.backbone.embed(images), self.backbone.num_prefix_tokens, phantom)
+        pe = float(patch_embed_macs(N, p, images.shape[1], self.backbone.embed_dim))
+        if state is None:
+            dev, nb, S = images.device, stream.batch_size, self.num_stages
+            state = RunState(
+                batch_size=nb, grid=grid, num_classes=self.num_classes, num_stages=S,
+                canvas=stream.x.new_zeros(nb * N, self.num_classes, dtype=torch.float32),
+                exit_stage=torch.full((nb * N,), S - 1, dtype=torch.long, device=dev),
+                macs=torch.full((nb,), pe, dtype=torch.float64, device=dev),
+                macs_linear=torch.full((nb,), pe, dtype=torch.float64, device=dev),
+                tokens=torch.zeros(nb, S, dtype=torch.long, device=dev),
+                has_cls=self.backbone.has_cls_token, keep_stages=keep_stages, phantom=phantom)
+        else:
+            state.reset(pe)
+        return stream, state, ((H, W), (Hp, Wp))
 
-    def _assemble(self, state: RunState, presence: Tensor | None, features: Tensor | None,
-                  input_size: tuple[int, int], padded_size: tuple[int, int]) -> SegOutput:
-        B, K, S = state.batch_size, state.num_classes, state.num_stages
+    def run_stage(self, stage: int, stream: TokenStream, state: RunState) -> Decision:
+        """One stage: its blocks on the packed stream, then the policy's decision (or, last, the decode head)."""
+        starts, ends = [0] + self.prune_layers, self.prune_layers + [self.backbone.depth]
+        lengths = stream.lengths
+        special = torch.zeros(stream.batch_size, dtype=torch.long, device=lengths.device)
+        special.index_add_(0, stream.batch, (stream.pos < 0).long())
+        state.tokens[:, stage] = lengths - special
+        blocks = self.backbone.blocks[starts[stage]:ends[stage]]
+        stream = blocks_forward(blocks, stream)
+        state.add_macs(blocks_macs(blocks, lengths))
+        if stage == self.num_stages - 1:
+            self.policy.finish(stream, self.decode_head, self.backbone.norm, state)
+        elif self.training or self.prunes_after(stage):
+            return self.policy.stage_end(stage, len(self.aux_heads), stream, self.aux_heads[stage], state)
+        return stream, None, None
+
+    def assemble(self, state: RunState, input_size: tuple[int, int], padded_size: tuple[int, int]) -> SegOutput:
+        """Every token's logits as one map per image, plus the run's statistics (real images only)."""
+        B, K, S = state.num_images, state.num_classes, state.num_stages
         h, w = state.grid
+        N = h * w
 
         def as_map(flat: Tensor) -> Tensor:
-            return flat.view(B, h, w, K).permute(0, 3, 1, 2)
+            return flat[: B * N].view(B, h, w, K).permute(0, 3, 1, 2)
 
         logits = as_map(state.canvas)
+        presence = None if state.presence is None else state.presence[:B]
         with torch.no_grad():
             pred = self.decode_head.scores(logits.detach(), presence).argmax(1).view(B, -1)
-            exit_stage = state.exit_stage.view(B, -1)
-            exits = F.one_hot(exit_stage, S).sum(1)
+            exit_stage = state.exit_stage[: B * N].view(B, -1)
+            exits = torch.zeros(B, S, dtype=torch.long, device=pred.device)
+            exits.scatter_add_(1, exit_stage, torch.ones_like(exit_stage))
             per_class = torch.zeros(B * S * K, dtype=torch.long, device=pred.device)
             per_class.index_add_(0, ((torch.arange(B, device=pred.device)[:, None] * S + exit_stage) * K + pred).view(-1),
                                  torch.ones_like(pred).view(-1))
         stats = {
-            "tokens_per_stage": torch.stack(state.tokens, 1),
+            "tokens_per_stage": state.tokens[:B],
             "exits_per_stage": exits,
             "exits_per_class": per_class.view(B, S, K),
             "exit_stage": exit_stage.view(B, h, w),
-            "macs": state.macs,
-            "macs_linear": state.macs_linear,
+            "macs": state.macs[:B],
+            "macs_linear": state.macs_linear[:B],
         }
         return SegOutput(
             logits=logits,
             presence=presence,
             stage_logits=[as_map(c) for c in state.stage_logits],
-            stage_presence=state.stage_presence,
+            stage_presence=[None if p is None else p[:B] for p in state.stage_presence],
             stats=stats,
-            features=None if features is None else features.view(B, h * w, -1),
+            features=None if state.features is None else state.features[: B * N].view(B, N, -1),
             input_size=input_size,
             padded_size=padded_size,
         )

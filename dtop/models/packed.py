@@ -24,12 +24,26 @@ except ImportError:  # torch < 2.10
 
 
 @dataclass(frozen=True)
+class Extra:
+    """Tokens a policy adds at a stage end (DToP's class summaries): features, image, whether kept."""
+
+    x: Tensor  # [G, C]
+    batch: Tensor  # [G]
+    keep: Tensor  # [G] bool
+
+
+@dataclass(frozen=True)
 class TokenStream:
     """Active tokens of a batch, image after image.
 
     ``pos`` is a token's index in its image's patch grid, or -1 for tokens that are not patches
     (cls/register prefix tokens and DToP's per-class summary tokens). Segments are contiguous and in
     image order; within an image, prefix tokens come first.
+
+    With ``phantom`` the last image of ``batch_size`` is padding: CUDA-graph replay runs a fixed
+    number of tokens, and the tokens past the real ones form one extra image whose results nobody
+    reads. Every per-image computation treats it as an ordinary image, so policies and heads need no
+    special case; :meth:`select` never keeps its tokens.
     """
 
     x: Tensor  # [T, C]
@@ -38,19 +52,30 @@ class TokenStream:
     cu_seqlens: Tensor  # [B + 1] int32
     max_len: int  # longest segment (host int; an upper bound is allowed on CUDA)
     batch_size: int
-    num_special: int  # total number of tokens with pos == -1 (host int)
-    uniform: bool  # every segment has the same length (enables the unpadded SDPA path)
+    num_special: int  # total number of tokens with pos == -1 (host int; unused with phantom)
+    uniform: bool  # every non-empty segment has ``max_len`` tokens (enables the unpadded SDPA path)
+    phantom: bool = False
 
     @classmethod
-    def from_dense(cls, x: Tensor, num_prefix: int) -> TokenStream:
-        """Pack a dense [B, L, C] sequence whose first ``num_prefix`` tokens are prefix tokens."""
+    def from_dense(cls, x: Tensor, num_prefix: int, phantom: bool = False) -> TokenStream:
+        """Pack a dense [B, L, C] sequence whose first ``num_prefix`` tokens are prefix tokens.
+
+        ``phantom`` appends an empty padding image (see the class docstring).
+        """
         B, L, C = x.shape
         dev = x.device
         pos = torch.arange(L, device=dev) - num_prefix
         pos = pos.clamp(min=-1).repeat(B)
         batch = torch.arange(B, device=dev).repeat_interleave(L)
         cu = torch.arange(B + 1, device=dev, dtype=torch.int32) * L
-        return cls(x.reshape(B * L, C), batch, pos, cu, L, B, B * num_prefix, True)
+        if phantom:
+            cu = torch.cat([cu, cu[-1:]])
+        return cls(x.reshape(B * L, C), batch, pos, cu, L, B + phantom, B * num_prefix, True, phantom)
+
+    @property
+    def num_images(self) -> int:
+        """Real images (``batch_size`` without the phantom)."""
+        return self.batch_size - self.phantom
 
     @property
     def lengths(self) -> Tensor:
@@ -59,20 +84,54 @@ class TokenStream:
     def with_x(self, x: Tensor) -> TokenStream:
         return replace(self, x=x)
 
-    def select(self, keep: Tensor) -> TokenStream:
-        """Keep the tokens where ``keep`` is true, preserving order (one host sync)."""
-        counts = torch.zeros(self.batch_size, dtype=torch.long, device=keep.device)
-        counts.index_add_(0, self.batch, keep.long())
-        special = (keep & (self.pos < 0)).sum()
-        n_keep, max_len, min_len, n_special = torch.stack(
-            [counts.sum(), counts.max(), counts.min(), special]).tolist()
-        idx = torch.argsort((~keep).to(torch.uint8), stable=True)[:n_keep]
+    def plan(self, keep: Tensor, extra: Extra | None = None
+             ) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, Tensor, Tensor]:
+        """The device-side part of :meth:`select`, free of host syncs (CUDA graphs capture it).
+
+        Returns the candidate tokens (x, batch, pos: the stream, then ``extra``), ``order`` putting the
+        kept ones first, in image order, each image's in their current order (extra tokens end their
+        image's segment), the new ``cu_seqlens`` over the real images, and
+        ``stats`` = [kept, longest segment, shortest segment, kept non-patch tokens].
+        """
+        x, batch, pos = self.x, self.batch, self.pos
+        if extra is not None:
+            x, batch = torch.cat([x, extra.x.to(x.dtype)]), torch.cat([batch, extra.batch])
+            pos, keep = torch.cat([pos, torch.full_like(extra.batch, -1)]), torch.cat([keep, extra.keep])
+        n_img = self.num_images
+        key = torch.where(keep, batch, n_img)  # a phantom image's tokens sort with the dropped ones
+        order = torch.argsort(key, stable=True)
+        counts = torch.zeros(n_img + 1, dtype=torch.long, device=key.device).index_add_(0, key, torch.ones_like(key))
+        counts = counts[:n_img]
+        special = (keep & (pos < 0)).sum()
+        stats = torch.stack([counts.sum(), counts.max(), counts.min(), special])
         cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
-        return TokenStream(self.x[idx], self.batch[idx], self.pos[idx], cu, max_len, self.batch_size,
-                           n_special, max_len == min_len)
+        return (x, batch, pos), order, cu, stats
+
+    def select(self, keep: Tensor, extra: Extra | None = None) -> TokenStream:
+        """Keep the tokens where ``keep`` is true, plus the kept ``extra`` tokens (one host sync).
+
+        The result holds the real images only (a phantom image is dropped).
+        """
+        (x, batch, pos), order, cu, stats = self.plan(keep, extra)
+        n_keep, max_len, min_len, n_special = stats.tolist()
+        idx = order[:n_keep]
+        return TokenStream(x[idx], batch[idx], pos[idx], cu, max_len, self.num_images, n_special, max_len == min_len)
 
     def patches(self) -> tuple[Tensor, TokenStream]:
-        """Indices of the patch tokens and the sub-stream they form (no host sync)."""
+        """Indices of the patch tokens and the sub-stream they form (no host sync).
+
+        With a phantom image, the size must not depend on data: the non-patch tokens join the phantom
+        image (at patch position 0) instead of being dropped, so the sub-stream has all T tokens.
+        """
+        if self.phantom:
+            is_patch = self.pos >= 0
+            key = torch.where(is_patch, self.batch, self.batch_size - 1)
+            idx = torch.argsort(key, stable=True)
+            batch = key[idx]
+            counts = torch.zeros(self.batch_size, dtype=torch.long, device=batch.device).index_add_(0, batch, torch.ones_like(batch))
+            cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+            return idx, TokenStream(self.x[idx], batch, self.pos.clamp(min=0)[idx], cu, self.max_len,
+                                    self.batch_size, 0, False, True)
         n = self.x.shape[0] - self.num_special
         if self.num_special == 0:
             return torch.arange(n, device=self.x.device), self
@@ -88,20 +147,6 @@ class TokenStream:
             uniform = max_len == min_len
         sub = TokenStream(self.x[idx], batch, self.pos[idx], cu, max_len, self.batch_size, 0, uniform)
         return idx, sub
-
-    def append(self, x: Tensor, batch: Tensor) -> TokenStream:
-        """Add non-patch tokens (pos = -1) to the end of their images' segments."""
-        if x.shape[0] == 0:
-            return self
-        all_batch = torch.cat([self.batch, batch])
-        order = torch.argsort(all_batch, stable=True)
-        counts = torch.zeros(self.batch_size, dtype=torch.long, device=x.device)
-        counts.index_add_(0, all_batch, torch.ones_like(all_batch))
-        max_len, min_len = torch.stack([counts.max(), counts.min()]).tolist()
-        pos = torch.cat([self.pos, torch.full_like(batch, -1)])
-        cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
-        return TokenStream(torch.cat([self.x, x])[order], all_batch[order], pos[order], cu, max_len,
-                           self.batch_size, self.num_special + x.shape[0], max_len == min_len)
 
     def rank(self) -> Tensor:
         """Each token's index within its segment."""
@@ -137,7 +182,7 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, stream: TokenStream, drop
         if varlen_attn is not None:
             return varlen_attn(q, k, v, cu, cu, stream.max_len, stream.max_len)
     if stream.uniform:
-        B = stream.batch_size
+        B = q.shape[0] // stream.max_len
         qb, kb, vb = (t.reshape(B, -1, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(qb, kb, vb, dropout_p=dropout_p)
         return out.transpose(1, 2).reshape(q.shape)
@@ -188,75 +233,3 @@ def blocks_forward(blocks: Sequence[Block], stream: TokenStream) -> TokenStream:
     for block in blocks:
         x = block_forward(block, x, stream)
     return stream.with_x(x)
-
-
-class BlockGraphs:
-    """CUDA-graph replay of a block range at bucketed token counts, for inference.
-
-    Eager ViT blocks are CPU-bound below a few thousand tokens (each block is ~10 kernel launches
-    through Python); replaying a captured graph removes that overhead. The packed stream is padded to
-    a multiple of ``bucket`` tokens with one extra attention segment holding the padding, so one graph
-    serves every token count of its bucket; ``max_len`` is rounded up the same way (flash varlen takes
-    an upper bound). Graphs are captured lazily, once per (blocks, tokens, max length, batch, dtype).
-    """
-
-    def __init__(self, bucket: int = 64) -> None:
-        self.bucket = bucket
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor]] = {}
-        self.pool = None
-
-    def _round(self, n: int) -> int:
-        return -(-n // self.bucket) * self.bucket
-
-    def __call__(self, blocks: Sequence[Block], stream: TokenStream, full: bool = False) -> TokenStream:
-        """``full``: the stream is the whole unpruned batch, whose one size gets an exact graph."""
-        T, C = stream.x.shape
-        B = stream.batch_size
-        uniform = full and stream.uniform
-        if uniform:  # the dense layout: exact size, batched SDPA as eager would use
-            Tb, max_len = T, stream.max_len
-        else:
-            Tb = self._round(T + 1)
-            max_len = min(Tb, self._round(max(stream.max_len, Tb - T)))
-        amp = torch.is_autocast_enabled("cuda")
-        amp_dtype = torch.get_autocast_dtype("cuda") if amp else None
-        key = (id(blocks[0]), len(blocks), Tb, max_len, B, uniform, stream.x.dtype, amp_dtype)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(blocks, Tb, C, B, max_len, stream.x, amp_dtype, uniform)
-        graph, x_in, cu, out = self.graphs[key]
-        x_in[:T].copy_(stream.x)
-        cu[: B + 1].copy_(stream.cu_seqlens)
-        graph.replay()
-        return stream.with_x(out[:T].clone())
-
-    def _capture(self, blocks: Sequence[Block], Tb: int, C: int, B: int, max_len: int, like: Tensor,
-                 amp_dtype: torch.dtype | None, uniform: bool) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor]:
-        x_in = like.new_zeros(Tb, C)
-        cu = torch.full((B + 2,), Tb, dtype=torch.int32, device=like.device)
-        cu[: B + 1] = torch.arange(B + 1, device=like.device, dtype=torch.int32)  # any valid layout to warm up
-        dummy = torch.zeros(Tb, dtype=torch.long, device=like.device)
-        if uniform:
-            capture_stream = TokenStream(x_in, dummy, dummy, cu[: B + 1], max_len, B, 0, True)
-        else:
-            capture_stream = TokenStream(x_in, dummy, dummy, cu, max_len, B + 1, 0, False)
-
-        def run() -> Tensor:
-            with torch.autocast("cuda", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None,
-                                cache_enabled=False):
-                x = x_in
-                for block in blocks:
-                    x = block_forward(block, x, capture_stream)
-                return x
-
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                run()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = run()
-        return graph, x_in, cu, out

@@ -18,16 +18,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dtop.models.heads.base import SegHead
-from dtop.models.packed import TokenStream
+from dtop.models.packed import Extra, TokenStream
 
 CONTEXT_POLICIES = ("topk", "remove", "average", "avg_topk", "fixed_ratio")
+Decision = tuple[TokenStream, "Tensor | None", "Extra | None"]
 
 
 @dataclass
 class RunState:
-    """Everything one forward accumulates besides the token stream itself."""
+    """Everything one forward accumulates besides the token stream itself.
 
-    batch_size: int
+    Statistics are updated in place, and so are the canvas and DoViT's buffers whenever no gradient
+    or per-stage snapshot needs the old values: CUDA-graph replay keeps them in fixed buffers.
+    """
+
+    batch_size: int  # images, including a phantom image (see TokenStream) when ``phantom``
     grid: tuple[int, int]
     num_classes: int
     num_stages: int
@@ -35,21 +40,46 @@ class RunState:
     exit_stage: Tensor  # [B·N] stage whose head made each token's prediction
     macs: Tensor  # [B] float64
     macs_linear: Tensor  # [B] float64
-    tokens: list[Tensor] = field(default_factory=list)  # active patch tokens entering each stage, [B]
+    tokens: Tensor  # [B, S] active patch tokens entering each stage
     stage_logits: list[Tensor] = field(default_factory=list)  # [B·N, K] per aux stage
     stage_presence: list[Tensor | None] = field(default_factory=list)
     buffer: Tensor | None = None  # [B·N, C] reconstructed features (DoViT)
     stopped: Tensor | None = None  # [B·N] bool (DoViT)
     has_cls: bool = False  # each segment starts with a cls token
     keep_stages: bool = True  # keep per-stage maps (for aux losses); inference drops them to save memory
+    phantom: bool = False
+    presence: Tensor | None = None  # [B, K] final presence logits (ATM decode head)
+    features: Tensor | None = None  # [B·N, C] final reconstructed features (DoViT)
+
+    @property
+    def num_images(self) -> int:
+        return self.batch_size - self.phantom
+
+    def reset(self, macs: float) -> None:
+        """Start a new forward in the same buffers (CUDA-graph replay reuses one state)."""
+        self.canvas.zero_()
+        self.exit_stage.fill_(self.num_stages - 1)
+        self.macs.fill_(macs)
+        self.macs_linear.fill_(macs)
+        self.tokens.zero_()
+        for t in (self.buffer, self.stopped):
+            if t is not None:
+                t.zero_()
+        self.stage_logits, self.stage_presence = [], []
+        self.presence = self.features = None
+
+    @property
+    def inplace(self) -> bool:
+        """Whether tensors may be overwritten: no gradient flows through them and no snapshot holds them."""
+        return not (self.keep_stages or torch.is_grad_enabled())
 
     def write_canvas(self, flat: Tensor, logits: Tensor) -> None:
-        """Overwrite the canvas at ``flat`` (in place when no stage snapshot or gradient needs the old one)."""
+        """Overwrite the canvas at ``flat``."""
         logits = logits.to(self.canvas.dtype)
-        if self.keep_stages or torch.is_grad_enabled():
-            self.canvas = self.canvas.index_put((flat,), logits)
-        else:
+        if self.inplace:
             self.canvas.index_put_((flat,), logits)
+        else:
+            self.canvas = self.canvas.index_put((flat,), logits)
 
     def snapshot(self, logits: Tensor, presence: Tensor | None) -> None:
         if self.keep_stages:
@@ -64,15 +94,15 @@ class RunState:
         return stream.batch * self.num_patches + stream.pos
 
     def add_macs(self, macs: tuple[Tensor, Tensor]) -> None:
-        self.macs = self.macs + macs[0]
-        self.macs_linear = self.macs_linear + macs[1]
+        self.macs.add_(macs[0])
+        self.macs_linear.add_(macs[1])
 
     def full_stream(self, x: Tensor) -> TokenStream:
         """The stream of the whole patch map (every token, in grid order)."""
         B, N = self.batch_size, self.num_patches
         dev = x.device
         return TokenStream(x, torch.arange(B, device=dev).repeat_interleave(N), torch.arange(N, device=dev).repeat(B),
-                           torch.arange(B + 1, device=dev, dtype=torch.int32) * N, N, B, 0, True)
+                           torch.arange(B + 1, device=dev, dtype=torch.int32) * N, N, B, 0, True, self.phantom)
 
 
 def _thresholds(threshold: float | Sequence[float]) -> tuple[float, ...]:
@@ -122,13 +152,22 @@ class Policy(nn.Module):
         return self.enabled and self.threshold_at(stage, num_aux) < 1.0
 
     def stage_end(self, stage: int, num_aux: int, stream: TokenStream, head: SegHead,
-                  state: RunState) -> TokenStream:  # pragma: no cover - interface
+                  state: RunState) -> Decision:  # pragma: no cover - interface
+        """Grade the stream with the stage's aux head; return (stream, keep mask or None, extra tokens).
+
+        Everything here stays on the device with data-independent shapes (the engine's CUDA graphs
+        capture it); the engine applies the decision with :meth:`TokenStream.select`.
+        """
         raise NotImplementedError
 
     def finish(self, stream: TokenStream, head: SegHead, norm: nn.Module,
-               state: RunState) -> tuple[Tensor | None, Tensor | None]:  # pragma: no cover - interface
-        """Run the decode head, fill ``state.canvas``; return (final presence, final features)."""
+               state: RunState) -> None:  # pragma: no cover - interface
+        """Run the decode head: fill ``state.canvas`` and ``state.presence`` / ``state.features``."""
         raise NotImplementedError
+
+    def graph_key(self) -> tuple:
+        """Settings a captured CUDA graph bakes in: a change must capture new graphs."""
+        return (type(self).__name__, self.enabled, self.threshold)
 
 
 class DToP(Policy):
@@ -141,7 +180,14 @@ class DToP(Policy):
             raise ValueError(f"Unknown context policy {context!r}; choose one of {CONTEXT_POLICIES}.")
         if k < 0 or not bool(((torch.as_tensor(ratio) >= 0) & (torch.as_tensor(ratio) <= 1)).all()):
             raise ValueError(f"Need k ≥ 0 and 0 ≤ ratio ≤ 1; got k={k}, ratio={ratio}.")
-        self.context, self.k, self.ratio = context, k, ratio
+        self.context, self.k = context, k
+        if isinstance(ratio, Tensor):  # a buffer, so it follows the model to its device
+            self.register_buffer("ratio", ratio.clone(), persistent=False)
+        else:
+            self.ratio = float(ratio)
+
+    def graph_key(self) -> tuple:
+        return super().graph_key() + (self.context, self.k, self.ratio if isinstance(self.ratio, float) else None)
 
     def prunes_at(self, stage: int, num_aux: int) -> bool:
         return self.enabled and (self.context == "fixed_ratio" or self.threshold_at(stage, num_aux) < 1.0)
@@ -150,8 +196,7 @@ class DToP(Policy):
                stage: int) -> tuple[Tensor, Tensor]:
         """(tokens that leave the computation, tokens graded easy) among the patch tokens ``ps``."""
         if self.context == "fixed_ratio":
-            ratio = self.ratio.to(ps.x.device) if isinstance(self.ratio, Tensor) else self.ratio
-            quota = (ps.lengths.double() * ratio).floor().long()
+            quota = (ps.lengths.double() * self.ratio).floor().long()
             easy = topk_per_group(ps.batch, conf, F.pad(quota, (0, 1)), ps.batch_size)
             return easy, easy
         easy = conf >= thr
@@ -162,49 +207,45 @@ class DToP(Policy):
         return easy & ~topk_per_group(group, conf, self.k, G), easy
 
     def stage_end(self, stage: int, num_aux: int, stream: TokenStream, head: SegHead,
-                  state: RunState) -> TokenStream:
+                  state: RunState) -> Decision:
         idx, ps = stream.patches()
         if ps.x.shape[0] == 0:
             state.snapshot(state.canvas, None)
-            return stream
+            return stream, None, None
         out = head(ps.x, ps)
         flat = state.flat(ps)
         state.write_canvas(flat, out.logits)
         state.snapshot(state.canvas, out.presence)
         state.add_macs(head.macs(ps.lengths))
         if not self.prunes_at(stage, num_aux):
-            return stream
+            return stream, None, None
         thr = self.threshold_at(stage, num_aux)
         conf, cls = head.token_probs(out, ps).max(-1)
         exits, easy = self._exits(conf, cls, ps, thr, state.num_classes, stage)
-        state.exit_stage = state.exit_stage.index_put(
-            (flat,), torch.where(exits, torch.full_like(flat, stage), state.exit_stage[flat]))
+        state.exit_stage.index_put_((flat,), torch.where(exits, stage, state.exit_stage[flat]))
         keep = torch.ones(stream.x.shape[0], dtype=torch.bool, device=idx.device).index_put((idx,), ~exits)
+        keep = keep | (stream.pos < 0)  # prefix and summary tokens never exit
         summary = self._summaries(ps, easy, cls, state.num_classes) if self.context in ("average", "avg_topk") else None
-        stream = stream.select(keep)
-        if summary is not None:
-            stream = stream.append(*summary)
-        return stream
+        return stream, keep, summary
 
     @staticmethod
-    def _summaries(ps: TokenStream, easy: Tensor, cls: Tensor, K: int) -> tuple[Tensor, Tensor]:
-        """One mean token per (image, class) among the tokens graded easy."""
+    def _summaries(ps: TokenStream, easy: Tensor, cls: Tensor, K: int) -> Extra:
+        """One mean token per (image, class) among the tokens graded easy (kept where any was)."""
         G = ps.batch_size * K
         group = torch.where(easy, ps.batch * K + cls, torch.full_like(cls, G))
         sums = ps.x.new_zeros(G + 1, ps.x.shape[1]).index_add(0, group, ps.x)[:G]
         counts = torch.zeros(G + 1, device=cls.device, dtype=ps.x.dtype).index_add_(0, group, torch.ones_like(ps.x[:, 0]))[:G]
-        present = torch.nonzero(counts > 0).squeeze(1)
-        return sums[present] / counts[present, None], present // K
+        image = torch.arange(G, device=cls.device) // K
+        return Extra(sums / counts.clamp(min=1)[:, None], image, counts > 0)
 
-    def finish(self, stream: TokenStream, head: SegHead, norm: nn.Module,
-               state: RunState) -> tuple[Tensor | None, Tensor | None]:
+    def finish(self, stream: TokenStream, head: SegHead, norm: nn.Module, state: RunState) -> None:
         _, ps = stream.patches()
         if ps.x.shape[0] == 0:
-            return None, None
+            return
         out = head(norm(ps.x), ps)
         state.write_canvas(state.flat(ps), out.logits)
         state.add_macs(head.macs(ps.lengths))
-        return out.presence, None
+        state.presence = out.presence
 
 
 class DoViT(Policy):
@@ -222,58 +263,65 @@ class DoViT(Policy):
     def prunes_at(self, stage: int, num_aux: int) -> bool:
         return self.enabled and (self.diff_conf is not None or self.threshold_at(stage, num_aux) < 1.0)
 
+    def graph_key(self) -> tuple:
+        return super().graph_key() + (self.diff_conf, self.agg_rate, self.merge_cls)
+
     @staticmethod
     def _reconstruct(stream: TokenStream, state: RunState) -> Tensor:
         """Put active patch tokens back at their grid positions over the stopped tokens' features."""
         _, ps = stream.patches()
         if state.buffer is None:
             state.buffer = ps.x.new_zeros(state.batch_size * state.num_patches, ps.x.shape[1])
-        return state.buffer.index_put((state.flat(ps),), ps.x)
+        if state.inplace:
+            return state.buffer.index_put_((state.flat(ps),), ps.x)
+        state.buffer = state.buffer.index_put((state.flat(ps),), ps.x)
+        return state.buffer
 
     def stage_end(self, stage: int, num_aux: int, stream: TokenStream, head: SegHead,
-                  state: RunState) -> TokenStream:
+                  state: RunState) -> Decision:
         full = self._reconstruct(stream, state)
         fs = state.full_stream(full)
         out = head(full, fs)
-        state.buffer = full
         state.snapshot(out.logits.to(state.canvas.dtype), out.presence)
         state.add_macs(head.macs(fs.lengths))
         if not self.prunes_at(stage, num_aux):
-            return stream
+            return stream, None, None
         thr = self.threshold_at(stage, num_aux)
         conf = head.token_probs(out, fs).max(-1).values
         stop = conf > thr
         if self.diff_conf is not None:
             stop = stop | (conf < self.diff_conf)
-        stopped_before = state.stopped if state.stopped is not None else torch.zeros_like(stop)
-        state.stopped = stopped_before | stop
-        state.exit_stage = torch.where(state.stopped & ~stopped_before, stage, state.exit_stage)
+        if state.stopped is None:
+            state.stopped = torch.zeros_like(stop)
+        state.exit_stage.masked_fill_(stop & ~state.stopped, stage)
+        state.stopped |= stop
         patch = stream.pos >= 0
         keep = ~patch | ~state.stopped[state.flat(stream).clamp(min=0)]
-        stream = stream.select(keep)
         if self.merge_cls and state.has_cls:
             stream = self._merge_cls(stream, full, state)
-        return stream
+        return stream, keep, None
 
     def _merge_cls(self, stream: TokenStream, full: Tensor, state: RunState) -> TokenStream:
         """Eq. 8: cls ← ½(cls + mean of stopped tokens), once more than ``agg_rate`` have stopped."""
-        B, N = state.batch_size, state.num_patches
-        stopped = state.stopped.view(B, N)
+        B, N, n = state.batch_size, state.num_patches, state.num_images
+        stopped = state.stopped.view(B, N)[:n]
         count = stopped.sum(1)
-        mean = (full.view(B, N, -1) * stopped[..., None].to(full.dtype)).sum(1) / count.clamp(min=1)[:, None]
-        first = stream.cu_seqlens[:-1].long()
+        mean = (full.view(B, N, -1)[:n] * stopped[..., None].to(full.dtype)).sum(1) / count.clamp(min=1)[:, None]
+        first = stream.cu_seqlens[:n].long()
         cls = stream.x[first]
         merged = torch.where((count.float() / N > self.agg_rate)[:, None], 0.5 * (cls + mean.to(cls.dtype)), cls)
         return stream.with_x(stream.x.index_put((first,), merged))
 
-    def finish(self, stream: TokenStream, head: SegHead, norm: nn.Module,
-               state: RunState) -> tuple[Tensor | None, Tensor | None]:
+    def finish(self, stream: TokenStream, head: SegHead, norm: nn.Module, state: RunState) -> None:
         full = self._reconstruct(stream, state)
         fs = state.full_stream(full)
         out = head(norm(full), fs)
-        state.canvas = out.logits.to(state.canvas.dtype)
+        if state.inplace:
+            state.canvas.copy_(out.logits)
+        else:
+            state.canvas = out.logits.to(state.canvas.dtype)
         state.add_macs(head.macs(fs.lengths))
-        return out.presence, full
+        state.presence, state.features = out.presence, full
 
 
 class RecordedDecisions(DToP):
@@ -285,14 +333,34 @@ class RecordedDecisions(DToP):
 
     def __init__(self, keep: Sequence[Tensor]) -> None:
         super().__init__(0.5, context="remove")
-        self.keep = list(keep)
+        self.keep: list[Tensor] = []
+        self.set_keep(keep)
+
+    def set_keep(self, keep: Sequence[Tensor]) -> None:
+        """Replace the masks, in place where shapes and devices match (CUDA graphs read the old storage)."""
+        keep = [k.bool() for k in keep]
+        same = len(keep) == len(self.keep) and all(
+            k.shape == o.shape and k.device == o.device for k, o in zip(keep, self.keep))
+        if same:
+            for old, new in zip(self.keep, keep):
+                old.copy_(new)
+        else:
+            self.keep = [k.clone() for k in keep]
+
+    def graph_key(self) -> tuple:
+        return super().graph_key() + (len(self.keep),)
 
     def prunes_at(self, stage: int, num_aux: int) -> bool:
         return self.enabled and stage < len(self.keep)
 
     def _exits(self, conf: Tensor, cls: Tensor, ps: TokenStream, thr: float, K: int,
                stage: int) -> tuple[Tensor, Tensor]:
-        leave = ~self.keep[stage].to(ps.x.device)[ps.batch, ps.pos]
+        mask = self.keep[stage]
+        if mask.device != ps.x.device:
+            mask = self.keep[stage] = mask.to(ps.x.device)
+        if mask.shape[0] != ps.num_images:
+            raise ValueError(f"Recorded keep masks are for {mask.shape[0]} images; the batch has {ps.num_images}.")
+        leave = ~mask[ps.batch.clamp(max=mask.shape[0] - 1), ps.pos]  # a phantom image borrows a real row
         return leave, leave
 
 

@@ -1,0 +1,198 @@
+"""Pruned inference as a few CUDA-graph replays.
+
+Below ~10k tokens a GPU runs a ViT faster than Python can launch its kernels, and a pruning stage
+end (aux head, grading, top-k per class, canvas writes, compaction) is dozens of small kernels. So
+inference is captured whole: one graph per *group* of stages, a group ending where the policy may
+remove tokens. Each graph runs its blocks, the policy's stage end and the compaction of the kept
+tokens into a fixed buffer; the host then reads one small vector (the kept count and the longest
+segment: the one sync per pruning stage) and replays the graph of the next group for that size.
+
+Graphs need fixed shapes: the next group runs a token count rounded up to a bucket, and the tokens
+past the kept ones form a phantom image (see :class:`~dtop.models.packed.TokenStream`) whose results
+are dropped. The code inside a graph is the engine's own (``Segmentor.begin / run_stage /
+assemble``), so eager and replayed inference compute the same thing; the tests run this path
+without capture on the CPU and compare it with the eager one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import Tensor
+
+from dtop.models.packed import TokenStream
+from dtop.models.policies import RunState
+
+if TYPE_CHECKING:
+    from dtop.models.engine import SegOutput, Segmentor
+
+
+@dataclass
+class _Tokens:
+    """A fixed buffer of compacted tokens: kept ones first, then the rest (the next phantom)."""
+
+    x: Tensor
+    batch: Tensor
+    pos: Tensor
+    cu: Tensor  # [B + 1] over the real images
+    stats: Tensor  # [kept, longest segment, shortest segment, kept non-patch tokens]
+
+
+@dataclass
+class _Context:
+    """Everything fixed for one input shape and policy setting: buffers, state, stage groups."""
+
+    images: Tensor
+    state: RunState | None
+    groups: list[tuple[int, int]]
+    capacity: int
+    tokens: list[_Tokens | None]
+    sizes: tuple[tuple[int, int], tuple[int, int]] | None = None
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
+class StageGraphs:
+    """Captures and replays inference graphs, keyed by input shape, policy setting and token bucket.
+
+    ``bucket``: token counts are rounded up to a multiple of max(bucket, 1/32 of the full count), so
+    the padding costs at most ~3 % and one batch shape needs few graphs. Past ``max_graphs`` new
+    sizes run the same code eagerly instead of capturing more.
+    """
+
+    def __init__(self, bucket: int = 64, max_graphs: int = 256, capture: bool = True) -> None:
+        self.bucket, self.max_graphs, self.capture = bucket, max_graphs, capture
+        self.contexts: dict[tuple, _Context] = {}
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Any]] = {}
+        self.pool = None
+
+    def run(self, model: Segmentor, images: Tensor) -> SegOutput:
+        ctx, ckey = self._context(model, images)
+        ctx.images.copy_(images)
+        amp = torch.get_autocast_dtype("cuda") if images.is_cuda and torch.is_autocast_enabled("cuda") else None
+        B = images.shape[0]
+        N = ctx.state.num_patches if ctx.state is not None else 0
+        out = None
+        for g, (first, last) in enumerate(ctx.groups):
+            if g == 0:
+                key, size = (ckey, 0), None
+            else:
+                n_keep, max_len, _, n_special = ctx.tokens[g % 2].stats.tolist()
+                T0 = ctx.tokens[g % 2].x.shape[0]
+                Tb = min(_round_up(max(n_keep, 1), max(self.bucket, _round_up(T0 // 32, 8))), T0)
+                L = min(_round_up(max(max_len, Tb - n_keep + n_special, 1), self.bucket), Tb)
+                key, size = (ckey, g, Tb, L), (Tb, L, n_special)
+
+            def program(g: int = g, first: int = first, last: int = last, size: Any = size) -> Any:
+                with torch.autocast(images.device.type, dtype=amp or torch.float32, enabled=amp is not None,
+                                    cache_enabled=False):
+                    return self._program(model, ctx, g, first, last, size, B)
+
+            out = self._replay(key, program, ctx)
+        return _clone(out)
+
+    def _context(self, model: Segmentor, images: Tensor) -> tuple[_Context, tuple]:
+        groups, first = [], 0
+        for stage in range(model.num_stages):
+            if stage == model.num_stages - 1 or model.prunes_after(stage):
+                groups.append((first, stage))
+                first = stage + 1
+        amp = torch.get_autocast_dtype("cuda") if images.is_cuda and torch.is_autocast_enabled("cuda") else None
+        ckey = (tuple(images.shape), images.dtype, str(images.device), amp, model.policy.graph_key(), tuple(groups))
+        if ckey not in self.contexts:
+            B, _, H, W = images.shape
+            p = model.backbone.patch_size
+            N = (-(-H // p)) * (-(-W // p))
+            full = B * (N + model.backbone.num_prefix_tokens)
+            capacity = full + (model.num_stages + 1) * (B + 1) * model.num_classes + 2 * self.bucket
+            self.contexts[ckey] = _Context(torch.empty_like(images), None, groups, capacity, [None, None])
+        return self.contexts[ckey], ckey
+
+    def _program(self, model: Segmentor, ctx: _Context, g: int, first: int, last: int,
+                 size: tuple[int, int, int] | None, B: int) -> Any:
+        """One group: the code both the capture and the eager fallback run."""
+        if g == 0:
+            stream, state, ctx.sizes = model.begin(ctx.images, keep_stages=False, phantom=True, state=ctx.state)
+            ctx.state = state
+        else:
+            stream = self._stream_in(ctx, ctx.tokens[g % 2], size, B)
+        state = ctx.state
+        keep = extra = None
+        for stage in range(first, last + 1):
+            stream, keep, extra = model.run_stage(stage, stream, state)
+        if last == model.num_stages - 1:
+            return model.assemble(state, *ctx.sizes)
+        if keep is None:
+            keep = torch.ones_like(stream.batch, dtype=torch.bool)
+        (x, batch, pos), order, cu, stats = stream.plan(keep, extra)
+        j = (g + 1) % 2
+        if ctx.tokens[j] is None:  # first (eager) run: allocate with the stream's dtype
+            dev = x.device
+            ctx.tokens[j] = _Tokens(x.new_zeros(ctx.capacity, x.shape[1]),
+                                    torch.zeros(ctx.capacity, dtype=torch.long, device=dev),
+                                    torch.zeros(ctx.capacity, dtype=torch.long, device=dev),
+                                    torch.zeros_like(cu), torch.zeros_like(stats))
+        dst, m = ctx.tokens[j], order.numel()
+        torch.index_select(x, 0, order, out=dst.x[:m])
+        torch.index_select(batch, 0, order, out=dst.batch[:m])
+        torch.index_select(pos, 0, order, out=dst.pos[:m])
+        dst.cu.copy_(cu)
+        dst.stats.copy_(stats)
+        return None
+
+    @staticmethod
+    def _stream_in(ctx: _Context, src: _Tokens, size: tuple[int, int, int], B: int) -> TokenStream:
+        """The next group's stream: the kept tokens, then a phantom image up to the bucket size."""
+        Tb, L, n_special = size
+        N = ctx.state.num_patches
+        ar = torch.arange(Tb, device=src.x.device)
+        real = ar < src.stats[0]
+        batch = torch.where(real, src.batch[:Tb], B)
+        pos = torch.where(real, src.pos[:Tb], ar % N)
+        cu = torch.cat([src.cu, torch.full((1,), Tb, dtype=src.cu.dtype, device=src.cu.device)])
+        return TokenStream(src.x[:Tb], batch, pos, cu, L, B + 1, n_special, False, True)
+
+    def _replay(self, key: tuple, program: Callable[[], Any], ctx: _Context) -> Any:
+        if not self.capture or (key not in self.graphs and len(self.graphs) >= self.max_graphs):
+            return program()
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(program, ctx)
+        graph, out = self.graphs[key]
+        graph.replay()
+        return out
+
+    def _capture(self, program: Callable[[], Any], ctx: _Context) -> tuple[torch.cuda.CUDAGraph, Any]:
+        """Warm up on a side stream (the state is restored afterwards), then capture."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            saved = _state_tensors(ctx.state) if ctx.state is not None else []
+            backup = [t.clone() for t in saved]
+            for _ in range(2):  # the first run also allocates lazily created buffers outside the pool
+                program()
+            for t, b in zip(saved, backup):
+                t.copy_(b)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = program()
+        return graph, out
+
+
+def _state_tensors(state: RunState) -> list[Tensor]:
+    return [getattr(state, f.name) for f in fields(state) if isinstance(getattr(state, f.name), Tensor)]
+
+
+def _clone(out: SegOutput) -> SegOutput:
+    """Copy a replayed output out of the graph's buffers (the next replay overwrites them)."""
+    def c(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.clone()
+
+    return replace(out, logits=c(out.logits), presence=c(out.presence), features=c(out.features),
+                   stats={k: v.clone() for k, v in out.stats.items()}, stage_logits=[], stage_presence=[])

@@ -1,0 +1,117 @@
+"""The CUDA-graph inference path (fixed-size stages + phantom image) computes what eager inference does.
+
+On the CPU the graph programs run without capture: the same code, shapes and padding as on a GPU.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+
+from dtop.models.build import build_segmentor
+from dtop.models.graphs import StageGraphs
+from dtop.models.heads.atm import ATMHead
+from dtop.models.heads.fcn import FCNHead
+from dtop.models.heads.segmenter import SegmenterHead
+from dtop.models.policies import DToP, DoViT, RecordedDecisions, random_keep_masks
+from dtop.models.vit import ViTBackbone
+from tests.test_engine import make_model
+
+STATS = ("tokens_per_stage", "exits_per_stage", "exits_per_class", "exit_stage")
+
+
+def _same(graph_out, eager_out) -> None:
+    torch.testing.assert_close(graph_out.logits, eager_out.logits, rtol=1e-4, atol=1e-4)
+    for key in STATS:
+        assert torch.equal(graph_out.stats[key], eager_out.stats[key]), key
+    torch.testing.assert_close(graph_out.stats["macs"], eager_out.stats["macs"])
+    torch.testing.assert_close(graph_out.stats["macs_linear"], eager_out.stats["macs_linear"])
+    if eager_out.presence is None:
+        assert graph_out.presence is None
+    else:
+        torch.testing.assert_close(graph_out.presence, eager_out.presence, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("policy", [
+    DToP(0.25, context="topk", k=1), DToP(0.25, context="remove"), DToP(0.25, context="average"),
+    DToP(0.25, context="avg_topk", k=1), DToP(1.0, context="fixed_ratio", ratio=0.4),
+    DToP([0.22, 0.3], context="topk", k=2), DoViT(0.22), DoViT(0.25, diff_conf=0.21), DToP(1.0),
+])
+def test_fixed_size_stages_equal_eager_inference(policy):
+    model = make_model(policy=policy)
+    runner = StageGraphs(bucket=8, capture=False)
+    torch.manual_seed(1)
+    for scale in (1.0, 2.5):  # twice: the second run reuses (and must reset) the same buffers
+        images = torch.randn(3, 3, 48, 64) * scale
+        with torch.no_grad():
+            eager = model(images, keep_stages=False)
+            graph = runner.run(model, images)
+        _same(graph, eager)
+    if policy.threshold != (1.0,) or policy.context == "fixed_ratio":
+        assert eager.stats["tokens_per_stage"][:, -1].lt(eager.stats["tokens_per_stage"][:, 0]).any()
+    assert len(runner.contexts) == 1
+
+
+@pytest.mark.parametrize("head", ["atm", "segmenter"])
+def test_fixed_size_stages_equal_eager_with_attention_heads(head):
+    torch.manual_seed(0)
+    make = {"atm": partial(ATMHead, num_layers=1), "segmenter": partial(SegmenterHead, num_layers=1)}[head]
+    backbone = ViTBackbone("vit_tiny_patch16_224", img_size=(48, 64), depth=4)
+    model = build_segmentor(backbone, make, 5, make, [1, 2], DToP(0.3, k=1)).eval()
+    for m in model.modules():  # lively presence/masks so that grades differ between tokens
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.normal_(m.weight, std=0.3)
+    images = torch.randn(2, 3, 48, 64)
+    with torch.no_grad():
+        eager = model(images, keep_stages=False)
+        graph = StageGraphs(bucket=8, capture=False).run(model, images)
+    assert eager.stats["tokens_per_stage"][:, -1].lt(eager.stats["tokens_per_stage"][:, 0]).all()
+    _same(graph, eager)
+
+
+def test_recorded_decisions_replace_masks_in_place_and_check_the_batch():
+    model = make_model(policy=RecordedDecisions(random_keep_masks(2, 12, [0.6, 0.3], 0.1)))
+    runner = StageGraphs(bucket=8, capture=False)
+    masks = [random_keep_masks(2, 12, [0.6, 0.3], 0.1, torch.Generator().manual_seed(s)) for s in (1, 2)]
+    for m in masks:
+        storage = [k.data_ptr() for k in model.policy.keep]
+        model.policy.set_keep(m)
+        assert [k.data_ptr() for k in model.policy.keep] == storage
+        images = torch.randn(2, 3, 48, 64)
+        with torch.no_grad():
+            eager = model(images, keep_stages=False)
+            graph = runner.run(model, images)
+        _same(graph, eager)
+        assert torch.equal(eager.stats["tokens_per_stage"][:, 2], m[1].sum(1))
+    with pytest.raises(ValueError, match="for 2 images"):
+        with torch.no_grad():
+            model(torch.randn(3, 3, 48, 64))
+
+
+def test_threshold_change_uses_new_graphs():
+    model = make_model(policy=DToP(0.3, k=1))
+    runner = StageGraphs(bucket=8, capture=False)
+    images = torch.randn(2, 3, 48, 64)
+    with torch.no_grad():
+        runner.run(model, images)
+        model.policy.set_threshold(0.9)
+        graph = runner.run(model, images)
+        eager = model(images, keep_stages=False)
+    _same(graph, eager)
+    assert len(runner.contexts) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_captured_graphs_equal_eager_on_cuda():
+    model = make_model(policy=DToP(0.25, k=1)).cuda()
+    model.enable_cuda_graphs(bucket=16)
+    for _ in range(3):
+        images = torch.randn(4, 3, 48, 64, device="cuda")
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            graph = model(images, keep_stages=False)
+            eager = model(images, keep_stages=True)
+        assert torch.equal(graph.stats["tokens_per_stage"], eager.stats["tokens_per_stage"])
+        assert float((graph.logits - eager.logits).abs().max() / eager.logits.abs().max()) < 2e-2
+    assert model.graphs.graphs
