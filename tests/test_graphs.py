@@ -115,3 +115,27 @@ def test_captured_graphs_equal_eager_on_cuda():
         assert torch.equal(graph.stats["tokens_per_stage"], eager.stats["tokens_per_stage"])
         assert float((graph.logits - eager.logits).abs().max() / eager.logits.abs().max()) < 2e-2
     assert model.graphs.graphs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_unpruned_inference_and_training_loss_need_no_host_sync():
+    from dtop.losses import cross_entropy
+
+    model = make_model(policy=RecordedDecisions(random_keep_masks(2, 12, [0.6, 0.3], 0.1))).cuda()
+    images = torch.randn(2, 3, 48, 64, device="cuda")
+    labels = torch.randint(0, 5, (2, 48, 64), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.no_grad():
+            model.predict(images)  # warm caches
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model.policy.set_keep([m.cuda() for m in random_keep_masks(2, 12, [0.6, 0.3], 0.1)])
+            with torch.no_grad(), model.dense_mode():
+                model.predict(images)
+            model.train()
+            with model.dense_mode():
+                out = model(images)
+            loss = cross_entropy(model.upsample(out.logits, out), labels)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss)

@@ -24,6 +24,7 @@ from rich.table import Table
 
 from dtop.cli.common import CONFIG_PATH
 from dtop.lit.module import load_model_weights
+from dtop.losses import cross_entropy
 from dtop.models.engine import Segmentor
 from dtop.models.policies import RecordedDecisions, random_keep_masks
 
@@ -171,7 +172,7 @@ def _bench_train(cfg: DictConfig, model: Segmentor, inputs: Inputs, autocast: An
         images, labels = inputs(i)
         with autocast, (model.dense_mode() if dense else nullcontext()):
             out = model(images)
-            loss = sum(F.cross_entropy(model.upsample(m, out), labels) for m in [out.logits, *out.stage_logits])
+            loss = sum(cross_entropy(model.upsample(m, out), labels) for m in [out.logits, *out.stage_logits])
         if len(macs[dense]) < 8:
             macs[dense].append(float(out.stats["macs"].mean()))
         loss.backward()
