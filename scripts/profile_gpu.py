@@ -9,9 +9,9 @@ import sys
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+from dtop.losses import cross_entropy
 from dtop.models.build import build_segmentor
 from dtop.models.heads.fcn import FCNHead
 from dtop.models.policies import RecordedDecisions, random_keep_masks
@@ -41,7 +41,7 @@ def run(dense: bool) -> None:
         else:
             out = model(x)
         if mode == "train":
-            loss = sum(F.cross_entropy(model.upsample(m, out), y) for m in [out.logits, *out.stage_logits])
+            loss = sum(cross_entropy(model.upsample(m, out), y) for m in [out.logits, *out.stage_logits])
     if mode == "train":
         loss.backward()
         opt.step()

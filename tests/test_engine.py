@@ -220,3 +220,25 @@ def test_head_width_mismatch_raises():
     backbone = ViTBackbone("vit_tiny_patch16_224", img_size=(32, 32), depth=2)
     with pytest.raises(ValueError, match="input channels"):
         build_segmentor(backbone, partial(FCNHead, in_channels=384), K, partial(FCNHead), [1], DToP(0.9))
+
+
+def test_class_last_resize_and_cross_entropy_match_torch():
+    """The canvas layout ([B, h, w, K] viewed as [B, K, h, w]) resizes and scores exactly like torch's ops."""
+    from dtop.losses import cross_entropy
+    from dtop.models.resize import resize_bilinear
+
+    x = torch.randn(3, 8, 6, 5, requires_grad=True)
+    logits = x.permute(0, 3, 1, 2)  # class-last view
+    up = resize_bilinear(logits, (24, 20))
+    assert up.stride(1) == 1, "class-last in, class-last out"
+    ref = F.interpolate(logits, (24, 20), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(up, ref, rtol=1e-5, atol=1e-5)
+    target = torch.randint(0, 5, (3, 24, 20))
+    target[0, :4] = 255
+    weight = torch.rand(5) + 0.5
+    for w in (None, weight):
+        got = torch.autograd.grad(cross_entropy(up, target, 255, w), x)[0]
+        want = torch.autograd.grad(F.cross_entropy(ref, target, weight=w, ignore_index=255), x)[0]
+        torch.testing.assert_close(cross_entropy(up, target, 255, w), F.cross_entropy(ref, target, weight=w, ignore_index=255))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert cross_entropy(up, torch.full_like(target, 255)).item() == 0.0

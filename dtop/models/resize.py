@@ -53,11 +53,11 @@ def resize_bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:
     x = x.to(dtype)
     if _class_last(x):
         B, K = x.shape[:2]
-        y = x.permute(0, 2, 3, 1)  # [B, h, w, K]
-        if h != H:
-            y = torch.matmul(_weights(h, H, x.device, dtype), y.reshape(B, h, w * K)).view(B, H, w, K)
+        y = x.permute(0, 2, 3, 1)  # [B, h, w, K], contiguous
+        if h != H:  # bmm with a broadcast (stride-0) weight: torch.matmul would fold it via transposes
+            y = torch.bmm(_weights(h, H, x.device, dtype).expand(B, H, h), y.reshape(B, h, w * K)).view(B, H, w, K)
         if w != W:
-            y = torch.matmul(_weights(w, W, x.device, dtype), y.reshape(B * H, w, K)).view(B, H, W, K)
+            y = torch.bmm(_weights(w, W, x.device, dtype).expand(B * H, W, w), y.reshape(B * H, w, K)).view(B, H, W, K)
         return y.permute(0, 3, 1, 2)
     if h != H:
         x = torch.matmul(_weights(h, H, x.device, dtype), x)
