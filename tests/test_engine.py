@@ -237,8 +237,8 @@ def test_class_last_resize_and_cross_entropy_match_torch():
     target[0, :4] = 255
     weight = torch.rand(5) + 0.5
     for w in (None, weight):
-        got = torch.autograd.grad(cross_entropy(up, target, 255, w), x)[0]
-        want = torch.autograd.grad(F.cross_entropy(ref, target, weight=w, ignore_index=255), x)[0]
+        got = torch.autograd.grad(cross_entropy(up, target, 255, w), x, retain_graph=True)[0]
+        want = torch.autograd.grad(F.cross_entropy(ref, target, weight=w, ignore_index=255), x, retain_graph=True)[0]
         torch.testing.assert_close(cross_entropy(up, target, 255, w), F.cross_entropy(ref, target, weight=w, ignore_index=255))
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     assert cross_entropy(up, torch.full_like(target, 255)).item() == 0.0
