@@ -34,31 +34,14 @@ def _build(size_in: int, size_out: int) -> Tensor:
     return w
 
 
-def _class_last(x: Tensor) -> bool:
-    """[B, K, h, w] laid out as [B, h, w, K] (the engine's canvas): resized without a transpose."""
-    return x.dim() == 4 and x.stride(1) == 1 and x.permute(0, 2, 3, 1).is_contiguous()
-
-
 def resize_bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """Resize [..., h, w] to [..., H, W]; float32 at least (logits feed softmax and argmax).
-
-    A class-last [B, K, h, w] view (see :func:`_class_last`) comes back class-last too, so per-pixel
-    softmax, cross-entropy and argmax read each pixel's K scores contiguously.
-    """
+    """Resize [..., h, w] to [..., H, W]; float32 at least (logits feed softmax and argmax)."""
     H, W = int(size[0]), int(size[1])
     h, w = x.shape[-2:]
     if (h, w) == (H, W):
         return x
     dtype = torch.promote_types(x.dtype, torch.float32)
     x = x.to(dtype)
-    if _class_last(x):
-        B, K = x.shape[:2]
-        y = x.permute(0, 2, 3, 1)  # [B, h, w, K], contiguous
-        if h != H:  # bmm with a broadcast (stride-0) weight: torch.matmul would fold it via transposes
-            y = torch.bmm(_weights(h, H, x.device, dtype).expand(B, H, h), y.reshape(B, h, w * K)).view(B, H, w, K)
-        if w != W:
-            y = torch.bmm(_weights(w, W, x.device, dtype).expand(B * H, W, w), y.reshape(B * H, w, K)).view(B, H, W, K)
-        return y.permute(0, 3, 1, 2)
     if h != H:
         x = torch.matmul(_weights(h, H, x.device, dtype), x)
     if w != W:
