@@ -164,6 +164,6 @@ def _patch_embed(pe: nn.Module, images: Tensor) -> Tensor:
             or (pe.img_size is not None and getattr(pe, "strict_img_size", False) and (H, W) != tuple(pe.img_size))):
         return pe(images)
     h, w = H // p[0], W // p[1]
-    patches = images.view(B, C, h, p[0], w, p[1]).permute(0, 2, 4, 1, 3, 5).reshape(B, h, w, C * p[0] * p[1])
-    x = F.linear(patches, proj.weight.reshape(proj.out_channels, -1), proj.bias)
-    return pe.norm(x.flatten(1, 2) if fmt == "NLC" else x)
+    patches = images.view(B, C, h, p[0], w, p[1]).permute(0, 2, 4, 1, 3, 5).reshape(B * h * w, C * p[0] * p[1])
+    x = F.linear(patches, proj.weight.reshape(proj.out_channels, -1), proj.bias)  # one 2-D GEMM
+    return pe.norm(x.view(B, h * w, -1) if fmt == "NLC" else x.view(B, h, w, -1))
