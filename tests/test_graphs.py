@@ -13,7 +13,6 @@ import torch
 from dtop.models.build import build_segmentor
 from dtop.models.graphs import StageGraphs
 from dtop.models.heads.atm import ATMHead
-from dtop.models.heads.fcn import FCNHead
 from dtop.models.heads.segmenter import SegmenterHead
 from dtop.models.policies import DToP, DoViT, RecordedDecisions, random_keep_masks
 from dtop.models.vit import ViTBackbone

@@ -49,6 +49,7 @@ class _Context:
     groups: list[tuple[int, int]]
     capacity: int
     tokens: list[_Tokens | None]
+    amp: torch.dtype | None  # autocast dtype the graphs run under
     sizes: tuple[tuple[int, int], tuple[int, int]] | None = None
 
 
@@ -73,9 +74,8 @@ class StageGraphs:
     def run(self, model: Segmentor, images: Tensor) -> SegOutput:
         ctx, ckey = self._context(model, images)
         ctx.images.copy_(images)
-        amp = torch.get_autocast_dtype("cuda") if images.is_cuda and torch.is_autocast_enabled("cuda") else None
+        amp = ctx.amp
         B = images.shape[0]
-        N = ctx.state.num_patches if ctx.state is not None else 0
         out = None
         for g, (first, last) in enumerate(ctx.groups):
             if g == 0:
@@ -109,7 +109,7 @@ class StageGraphs:
             N = (-(-H // p)) * (-(-W // p))
             full = B * (N + model.backbone.num_prefix_tokens)
             capacity = full + (model.num_stages + 1) * (B + 1) * model.num_classes + 2 * self.bucket
-            self.contexts[ckey] = _Context(torch.empty_like(images), None, groups, capacity, [None, None])
+            self.contexts[ckey] = _Context(torch.empty_like(images), None, groups, capacity, [None, None], amp)
         return self.contexts[ckey], ckey
 
     def _program(self, model: Segmentor, ctx: _Context, g: int, first: int, last: int,
