@@ -127,12 +127,14 @@ def test_flops_prints_json_last_line(tmp_path):
     assert result["gmacs_linear"] < result["gmacs"]
 
 
-def test_bench_runs_on_cpu(tmp_path):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])  # bf16: pure-bf16 inference copy, autocast training
+def test_bench_runs_on_cpu(tmp_path, dtype):
     proc = ok(cli("bench", "input_size=[64,64]", "model.backbone.depth=4", "model.prune_layers=[2,3]",
-                  "batch_size=2", "iters=2", "warmup=1", "keep=[0.6,0.4]", cwd=tmp_path))
+                  "batch_size=2", "iters=2", "warmup=1", "keep=[0.6,0.4]", f"dtype={dtype}", cwd=tmp_path))
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     inf = result["inference"]
     assert inf["gmacs_ratio"] < 0.8 and inf["efficiency"] > 0 and "train" in result
+    assert result["train"]["speedup"] > 0 and result["precision"] == "pure"
     assert json.loads((newest_run(tmp_path, "bench") / "bench.json").read_text())["batch_size"] == 2
 
 

@@ -7,6 +7,7 @@ inputs; times are medians of CUDA-event intervals after warm-up (wall clock on C
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import time
@@ -103,6 +104,18 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         model.policy = recorded
     inputs = Inputs(B, size, model.num_classes, device, images=real)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    if cfg.precision not in ("pure", "mixed"):
+        raise ValueError(f"precision must be 'pure' (weights cast to dtype) or 'mixed' (autocast); got {cfg.precision!r}.")
+    train_model = model
+    if cfg.precision == "pure" and dtype != torch.float32:
+        # inference on a copy whose weights are in ``dtype`` (Lightning's "bf16-true"): no per-call weight
+        # casts, norms and residuals in 16 bits; training keeps fp32 weights under autocast (parked on the CPU)
+        model = copy.deepcopy(model).to(dtype)
+        train_model.cpu()
+        infer_autocast: Any = nullcontext()
+    else:
+        infer_autocast = autocast
+    infer_dtype = next(model.parameters()).dtype
     if cfg.compile:
         for block in model.backbone.blocks:
             block.mlp.compile(dynamic=True)
@@ -112,8 +125,8 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     def infer(i: int, dense: bool) -> None:
         if real is None:
             recorded.set_keep(masks[i % len(masks)])
-        images, _ = inputs(i)
-        with torch.no_grad(), autocast, (model.dense_mode() if dense else nullcontext()):
+        images = inputs(i)[0].to(infer_dtype)
+        with torch.no_grad(), infer_autocast, (model.dense_mode() if dense else nullcontext()):
             model.predict(images)
 
     model.eval()
@@ -121,25 +134,26 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     if model.graphs is not None:
         if real is None:
             recorded.set_keep(masks[0])
-        with torch.no_grad(), autocast:
-            replayed = model(inputs(0)[0], keep_stages=False).logits.float()
+        with torch.no_grad(), infer_autocast:
+            replayed = model(inputs(0)[0].to(infer_dtype), keep_stages=False).logits.float()
             graphs, model.graphs = model.graphs, None
-            eager = model(inputs(0)[0], keep_stages=False).logits.float()
+            eager = model(inputs(0)[0].to(infer_dtype), keep_stages=False).logits.float()
             model.graphs = graphs
         graph_diff = float((replayed - eager).abs().max() / eager.abs().max())
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                               "torch": torch.__version__, "backbone": model.backbone.name, "batch_size": B,
-                              "input_size": list(size), "dtype": cfg.dtype, "cuda_graphs": model.graphs is not None, "compile": bool(cfg.compile),
+                              "input_size": list(size), "dtype": cfg.dtype, "precision": cfg.precision,
+                              "cuda_graphs": model.graphs is not None, "compile": bool(cfg.compile),
                               "graph_vs_eager_rel_diff": graph_diff,
                               "decisions": "model" if real is not None else f"keep {list(cfg.keep)} ± {cfg.keep_spread}"}
     dense_t = _measure(lambda i: infer(i, True), cfg.warmup, cfg.iters, device)
     pruned_t = _measure(lambda i: infer(i, False), cfg.warmup, cfg.iters, device)
     macs = []
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), infer_autocast:
         for i in range(4 if real is None else 1):
             if real is None:
                 recorded.set_keep(masks[i])
-            out = model(inputs(i)[0], keep_stages=False)
+            out = model(inputs(i)[0].to(infer_dtype), keep_stages=False)
             macs.append(float(out.stats["macs"].mean()))
             tokens = out.stats["tokens_per_stage"].float().mean(0)
     dense_macs = model.dense_macs(*size)[0]
@@ -154,7 +168,10 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         "dense_peak_mib": dense_t["peak_mib"], "pruned_peak_mib": pruned_t["peak_mib"],
     }
     if cfg.train_step:
-        result["train"] = _bench_train(cfg, model, inputs, autocast, device, masks if real is None else None,
+        if train_model is not model:
+            del model
+            train_model.to(device)
+        result["train"] = _bench_train(cfg, train_model, inputs, autocast, device, masks if real is None else None,
                                        recorded if real is None else None)
     return result
 

@@ -23,12 +23,22 @@ except ImportError:  # torch < 2.10
     varlen_attn = None
 
 
+def _stable_partition(flag: Tensor, before: Tensor) -> Tensor:
+    """The permutation listing flagged positions first, then the others, each in their order.
+
+    ``before`` = [0, cumsum(flag)]: the number of flagged positions before each position.
+    """
+    ar = torch.arange(flag.shape[0], device=flag.device)
+    dest = torch.where(flag, before[1:] - 1, before[-1] + ar - before[1:])
+    return torch.empty_like(ar).index_put_((dest,), ar)
+
+
 @dataclass(frozen=True)
 class Extra:
-    """Tokens a policy adds at a stage end (DToP's class summaries): features, image, whether kept."""
+    """Tokens a policy adds at a stage end (DToP's class summaries): features, image (in image order), whether kept."""
 
     x: Tensor  # [G, C]
-    batch: Tensor  # [G]
+    batch: Tensor  # [G], non-decreasing
     keep: Tensor  # [G] bool
 
 
@@ -92,20 +102,37 @@ class TokenStream:
         kept ones first, in image order, each image's in their current order (extra tokens end their
         image's segment), the new ``cu_seqlens`` over the real images, and
         ``stats`` = [kept, longest segment, shortest segment, kept non-patch tokens].
+
+        No sort: segments are contiguous and in image order, so a running count of kept tokens gives
+        every kept token its place (a sort costs ~10× more kernel time on a GPU).
         """
-        x, batch, pos = self.x, self.batch, self.pos
-        if extra is not None:
-            x, batch = torch.cat([x, extra.x.to(x.dtype)]), torch.cat([batch, extra.batch])
-            pos, keep = torch.cat([pos, torch.full_like(extra.batch, -1)]), torch.cat([keep, extra.keep])
         n_img = self.num_images
-        key = torch.where(keep, batch, n_img)  # a phantom image's tokens sort with the dropped ones
-        order = torch.argsort(key, stable=True)
-        counts = torch.zeros(n_img + 1, dtype=torch.long, device=key.device).index_add_(0, key, torch.ones_like(key))
-        counts = counts[:n_img]
-        special = (keep & (pos < 0)).sum()
-        stats = torch.stack([counts.sum(), counts.max(), counts.min(), special])
-        cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
-        return (x, batch, pos), order, cu, stats
+        keep = keep & (self.batch < n_img)  # a phantom image's tokens never stay
+        kept = F.pad(keep.cumsum(0), (1, 0))  # kept stream tokens before each position
+        before = kept[self.cu_seqlens[: n_img + 1].long()]  # ... before each image
+        special = (keep & (self.pos < 0)).sum()
+        if extra is None:
+            (x, batch, pos), cu = (self.x, self.batch, self.pos), before
+            order = _stable_partition(keep, kept)
+        else:
+            ekeep = extra.keep & (extra.batch < n_img)
+            ekept = F.pad(ekeep.cumsum(0), (1, 0))
+            ebefore = ekept[torch.searchsorted(extra.batch, torch.arange(n_img + 1, device=keep.device))]
+            cu = before + ebefore
+            n_keep, n_drop = cu[-1], keep.shape[0] - kept[-1]
+            ar, ear = torch.arange(keep.shape[0], device=keep.device), torch.arange(ekeep.shape[0], device=keep.device)
+            # a kept stream token goes after the kept extras of earlier images; a kept extra token after
+            # its image's kept stream tokens; dropped ones follow in any order
+            dest = torch.cat([torch.where(keep, kept[1:] - 1 + ebefore[self.batch], n_keep + ar - kept[1:]),
+                              torch.where(ekeep, before[(extra.batch + 1).clamp(max=n_img)] + ekept[1:] - 1,
+                                          n_keep + n_drop + ear - ekept[1:])])
+            order = torch.empty_like(dest).index_put_((dest,), torch.arange(dest.shape[0], device=dest.device))
+            x, batch = torch.cat([self.x, extra.x.to(self.x.dtype)]), torch.cat([self.batch, extra.batch])
+            pos = torch.cat([self.pos, torch.full_like(extra.batch, -1)])
+            special = special + ekeep.sum()
+        counts = cu[1:] - cu[:-1]
+        stats = torch.stack([cu[-1], counts.max(), counts.min(), special])
+        return (x, batch, pos), order, cu.to(torch.int32), stats
 
     def select(self, keep: Tensor, extra: Extra | None = None) -> TokenStream:
         """Keep the tokens where ``keep`` is true, plus the kept ``extra`` tokens (one host sync).
@@ -118,35 +145,32 @@ class TokenStream:
         return TokenStream(x[idx], batch[idx], pos[idx], cu, max_len, self.num_images, n_special, max_len == min_len)
 
     def patches(self) -> tuple[Tensor, TokenStream]:
-        """Indices of the patch tokens and the sub-stream they form (no host sync).
+        """Indices of the patch tokens and the sub-stream they form (no host sync on CUDA).
 
         With a phantom image, the size must not depend on data: the non-patch tokens join the phantom
         image (at patch position 0) instead of being dropped, so the sub-stream has all T tokens.
         """
+        if self.num_special == 0 and not self.phantom:
+            return torch.arange(self.x.shape[0], device=self.x.device), self
+        is_patch = self.pos >= 0
+        before = F.pad(is_patch.cumsum(0), (1, 0))
+        idx = _stable_partition(is_patch, before)
+        cu = before[self.cu_seqlens.long()]
         if self.phantom:
-            is_patch = self.pos >= 0
-            key = torch.where(is_patch, self.batch, self.batch_size - 1)
-            idx = torch.argsort(key, stable=True)
-            batch = key[idx]
-            counts = torch.zeros(self.batch_size, dtype=torch.long, device=batch.device).index_add_(0, batch, torch.ones_like(batch))
-            cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
-            return idx, TokenStream(self.x[idx], batch, self.pos.clamp(min=0)[idx], cu, self.max_len,
+            T = self.x.shape[0]
+            cu[-1] = T
+            batch = torch.where(torch.arange(T, device=idx.device) < before[-1], self.batch[idx], self.batch_size - 1)
+            return idx, TokenStream(self.x[idx], batch, self.pos.clamp(min=0)[idx], cu.to(torch.int32), self.max_len,
                                     self.batch_size, 0, False, True)
-        n = self.x.shape[0] - self.num_special
-        if self.num_special == 0:
-            return torch.arange(n, device=self.x.device), self
-        idx = torch.argsort((self.pos < 0).to(torch.uint8), stable=True)[:n]
-        batch = self.batch[idx]
-        counts = torch.zeros(self.batch_size, dtype=torch.long, device=batch.device)
-        counts.index_add_(0, batch, torch.ones_like(batch))
-        cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+        idx = idx[: self.x.shape[0] - self.num_special]
+        counts = cu[1:] - cu[:-1]
         if self.x.is_cuda:
             max_len, uniform = self.max_len, False
         else:
             max_len, min_len = torch.stack([counts.max(), counts.min()]).tolist()
             uniform = max_len == min_len
-        sub = TokenStream(self.x[idx], batch, self.pos[idx], cu, max_len, self.batch_size, 0, uniform)
-        return idx, sub
+        return idx, TokenStream(self.x[idx], self.batch[idx], self.pos[idx], cu.to(torch.int32), max_len,
+                                self.batch_size, 0, uniform)
 
     def rank(self) -> Tensor:
         """Each token's index within its segment."""

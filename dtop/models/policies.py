@@ -112,6 +112,17 @@ def _thresholds(threshold: float | Sequence[float]) -> tuple[float, ...]:
     return values
 
 
+def _sort_key(key: Tensor, bound: int) -> Tensor:
+    """``key`` (values in [0, bound]) in the narrowest integer dtype that holds it.
+
+    GPU radix sorts make one pass per key byte, so a uint8 key sorts ~4× faster than an int64 one.
+    """
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        if bound <= torch.iinfo(dtype).max:
+            return key.to(dtype)
+    return key
+
+
 def topk_per_group(group: Tensor, score: Tensor, k: int | Tensor, num_groups: int) -> Tensor:
     """Mark the ``k`` highest-scoring members of every group, vectorised over all groups.
 
@@ -119,7 +130,7 @@ def topk_per_group(group: Tensor, score: Tensor, k: int | Tensor, num_groups: in
     number or one per group id ([num_groups + 1]).
     """
     order = torch.argsort(score, descending=True, stable=True)
-    order = order[torch.argsort(group[order], stable=True)]
+    order = order[torch.argsort(_sort_key(group[order], num_groups), stable=True)]
     g = group[order]
     counts = torch.zeros(num_groups + 1, dtype=torch.long, device=group.device).index_add_(0, g, torch.ones_like(g))
     starts = counts.cumsum(0) - counts

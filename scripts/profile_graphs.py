@@ -1,0 +1,126 @@
+"""Kernel-level view of CUDA-graph pruned inference, plus the per-kernel costs it is made of.
+
+python scripts/profile_graphs.py [vit_base_patch16_224] [batches, e.g. 1,8] [size] [pure|mixed]
+Prints dense/pruned replay times (CUDA events, medians), the kernels of one pruned replay grouped by
+name, the same program run eagerly grouped by aten op, and microbenchmarks of sorts and tiny kernels
+replayed in a graph. ``pure``: bf16 weights; ``mixed``: fp32 weights under bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import collections
+import statistics
+import sys
+from functools import partial
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from dtop.models.build import build_segmentor
+from dtop.models.graphs import StageGraphs
+from dtop.models.heads.fcn import FCNHead
+from dtop.models.policies import RecordedDecisions, random_keep_masks
+from dtop.models.vit import ViTBackbone
+
+name = sys.argv[1] if len(sys.argv) > 1 else "vit_base_patch16_224"
+batches = [int(b) for b in (sys.argv[2] if len(sys.argv) > 2 else "1,8").split(",")]
+S = int(sys.argv[3]) if len(sys.argv) > 3 else 512
+precision = sys.argv[4] if len(sys.argv) > 4 else "pure"
+layers = [6, 8] if "base" in name else [8, 16]
+
+
+def graph_time(fn, reps: int = 50) -> float:
+    """µs per call of ``fn`` captured in a CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    g.replay()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) * 1e3 / reps
+
+
+def micro() -> None:
+    for n in (1024, 8192, 32768):
+        row = []
+        for dt in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.float32):
+            t = (torch.rand(n, device="cuda") * 100).to(dt)
+            row.append(f"{str(dt)[6:]} {graph_time(lambda: torch.argsort(t, stable=True)):.1f}")
+        x = torch.randn(n, device="cuda")
+        row.append(f"add {graph_time(lambda: x + 1):.1f}")
+        row.append(f"cumsum {graph_time(lambda: x.cumsum(0)):.1f}")
+        row.append(f"sum {graph_time(lambda: x.sum()):.1f}")
+        print(f"n={n}: µs per op in a graph: " + ", ".join(row))
+
+
+if "--micro" in sys.argv:
+    micro()
+model = build_segmentor(ViTBackbone(name, img_size=(S, S)), partial(FCNHead), 150, partial(FCNHead), layers,
+                        RecordedDecisions([])).cuda().eval()
+model.enable_cuda_graphs(64)
+dtype = torch.bfloat16 if precision == "pure" else torch.float32
+model.to(dtype)
+N = (S // 16) ** 2
+for B in batches:
+    masks = [[m.cuda() for m in random_keep_masks(B, N, [0.7, 0.5], 0.2, torch.Generator().manual_seed(i))]
+             for i in range(8)]
+    xs = [torch.randn(B, 3, S, S, device="cuda", dtype=dtype) for _ in range(4)]
+    model.policy.set_keep(masks[0])
+
+    def run(i: int, dense: bool, fn=None) -> None:
+        model.policy.set_keep(masks[i % 8])
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "mixed"):
+            if dense:
+                with model.dense_mode():
+                    model(xs[i % 4], keep_stages=False)
+            elif fn is not None:
+                fn(model, xs[i % 4])
+            else:
+                model(xs[i % 4], keep_stages=False)
+
+    for dense in (True, False):
+        for i in range(30):
+            run(i, dense)
+        times = []
+        for i in range(40):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            run(i, dense)
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        print(f"\n=== {name} b{B} {S}² {'dense' if dense else 'pruned'}: median {statistics.median(times):.3f} ms")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(4):
+            run(i, False)
+        torch.cuda.synchronize()
+    k = collections.defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            k[e.name[:90]][0] += 1
+            k[e.name[:90]][1] += e.device_time_total
+    total = sum(v[1] for v in k.values()) / 4
+    print(f"kernels per pruned run: {sum(v[0] for v in k.values()) / 4:.0f}, kernel time {total / 1e3:.3f} ms")
+    for nm, (c, t) in sorted(k.items(), key=lambda kv: -kv[1][1])[:45]:
+        print(f"{c / 4:6.1f} {t / 4:9.1f} µs  {nm}")
+    eager = StageGraphs(64, capture=False)
+    for i in range(3):
+        run(i, False, eager.run)
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for i in range(4):
+            run(i, False, eager.run)
+        torch.cuda.synchronize()
+    print("same program, eager, by aten op (CUDA µs per run, calls per run):")
+    rows = [e for e in prof.key_averages() if e.key.startswith("aten::") and e.device_time_total > 0]
+    for e in sorted(rows, key=lambda e: -e.self_device_time_total)[:40]:
+        print(f"{e.count / 4:6.1f} {e.self_device_time_total / 4:9.1f} µs  {e.key}")

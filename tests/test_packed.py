@@ -1,0 +1,90 @@
+"""TokenStream bookkeeping (select / plan / patches) against a per-image reference written with loops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dtop.models.packed import Extra, TokenStream
+
+
+def _stream(lengths: list[int], prefix: int, phantom: int = 0, seed: int = 0) -> TokenStream:
+    """Images of the given lengths (first ``prefix`` tokens of each are non-patch), plus ``phantom`` padding tokens."""
+    g = torch.Generator().manual_seed(seed)
+    batch, pos = [], []
+    for b, n in enumerate(lengths):
+        batch += [b] * n
+        pos += [-1] * min(prefix, n) + torch.randperm(50, generator=g)[: max(n - prefix, 0)].tolist()
+    batch += [len(lengths)] * phantom
+    pos += list(range(phantom))
+    T = len(batch)
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    if phantom:
+        cu = torch.cat([cu, torch.tensor([T])])
+    n_special = sum(min(prefix, n) for n in lengths)
+    return TokenStream(torch.randn(T, 4, generator=g), torch.tensor(batch), torch.tensor(pos), cu.to(torch.int32),
+                       max(lengths + [phantom]), len(lengths) + bool(phantom), n_special, False, bool(phantom))
+
+
+def _reference(stream: TokenStream, keep: torch.Tensor, extra: Extra | None):
+    """Per image: its kept tokens in order, then its kept extra tokens in order (real images only)."""
+    xs, batch, pos, lengths = [], [], [], []
+    for b in range(stream.num_images):
+        sel = (stream.batch == b) & keep
+        n = int(sel.sum())
+        xs.append(stream.x[sel])
+        batch += [b] * n
+        pos += stream.pos[sel].tolist()
+        if extra is not None:
+            esel = (extra.batch == b) & extra.keep
+            xs.append(extra.x[esel])
+            batch += [b] * int(esel.sum())
+            pos += [-1] * int(esel.sum())
+            n += int(esel.sum())
+        lengths.append(n)
+    return torch.cat(xs), torch.tensor(batch), torch.tensor(pos), torch.tensor([0] + lengths).cumsum(0)
+
+
+@pytest.mark.parametrize("phantom", [0, 5])
+@pytest.mark.parametrize("with_extra", [False, True])
+@pytest.mark.parametrize("seed", range(4))
+def test_select_matches_per_image_reference(phantom, with_extra, seed):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 9, (4,), generator=g).tolist()
+    lengths[seed % 4] = 1  # an image left with its prefix token only
+    stream = _stream(lengths, prefix=1, phantom=phantom, seed=seed)
+    keep = torch.rand(stream.x.shape[0], generator=g) > 0.4
+    extra = None
+    if with_extra:
+        K = 3
+        G = stream.batch_size * K  # a phantom image's summaries too, as DToP makes them
+        extra = Extra(torch.randn(G, 4, generator=g), torch.arange(G) // K, torch.rand(G, generator=g) > 0.5)
+    out = stream.select(keep, extra)
+    x, batch, pos, cu = _reference(stream, keep, extra)
+    torch.testing.assert_close(out.x, x)
+    assert torch.equal(out.batch, batch) and torch.equal(out.pos, pos)
+    assert out.cu_seqlens.tolist() == cu.tolist() and out.batch_size == len(lengths) and not out.phantom
+    counts = cu[1:] - cu[:-1]
+    assert out.max_len == int(counts.max()) and out.uniform == bool(counts.min() == counts.max())
+    assert out.num_special == int((pos < 0).sum())
+    (_, _, _), order, _, stats = stream.plan(keep, extra)
+    assert sorted(order.tolist()) == list(range(order.numel()))  # a permutation of all candidates
+    assert stats.tolist() == [x.shape[0], int(counts.max()), int(counts.min()), int((pos < 0).sum())]
+
+
+@pytest.mark.parametrize("phantom", [0, 6])
+def test_patches_lists_each_images_patch_tokens_in_order(phantom):
+    stream = _stream([5, 1, 7], prefix=2, phantom=phantom, seed=3)
+    idx, ps = stream.patches()
+    for b in range(3):
+        sel = (stream.batch == b) & (stream.pos >= 0)
+        seg = slice(int(ps.cu_seqlens[b]), int(ps.cu_seqlens[b + 1]))
+        torch.testing.assert_close(ps.x[seg], stream.x[sel])
+        assert ps.pos[seg].tolist() == stream.pos[sel].tolist() and (ps.batch[seg] == b).all()
+    if phantom:  # every token once; non-patch tokens join the phantom image, whose segment ends the stream
+        assert sorted(idx.tolist()) == list(range(stream.x.shape[0])) and ps.phantom
+        assert int(ps.cu_seqlens[-1]) == stream.x.shape[0] and (ps.batch[int(ps.cu_seqlens[3]):] == 3).all()
+        assert (ps.pos >= 0).all()
+    else:
+        assert ps.x.shape[0] == int((stream.pos >= 0).sum()) and ps.num_special == 0
+        assert ps.max_len == 5 and not ps.uniform
