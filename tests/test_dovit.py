@@ -191,8 +191,8 @@ def test_stopped_tokens_keep_their_stop_layer_features_bit_identical():
 # --------------------------------------------------------------------------------- reconstruction
 def _state(B: int, grid: tuple[int, int], has_cls: bool = True) -> RunState:
     N = grid[0] * grid[1]
-    return RunState(batch_size=B, grid=grid, num_classes=K, num_stages=2, canvas=torch.zeros(B * N, K),
-                    exit_stage=torch.ones(B * N, dtype=torch.long), macs=torch.zeros(B, dtype=torch.float64),
+    return RunState(batch_size=B, grid=grid, num_classes=K, num_stages=2, canvas=torch.zeros(B * N + 1, K),
+                    exit_stage=torch.ones(B * N + 1, dtype=torch.long), macs=torch.zeros(B, dtype=torch.float64),
                     macs_linear=torch.zeros(B, dtype=torch.float64), tokens=torch.zeros(B, 2, dtype=torch.long),
                     has_cls=has_cls)
 
@@ -245,7 +245,7 @@ def test_cls_merge_formula_eq8():
     stream = TokenStream.from_dense(dense, num_prefix=1)
     stream = stream.select(torch.cat([torch.ones(B, 1, dtype=torch.bool), ~stopped.view(B, N)], 1).view(-1))
     state = _state(B, grid)
-    state.stopped = stopped
+    state.stopped = F.pad(stopped, (0, 1))  # plus the trash row
     merged = DoViT(0.9, agg_rate=0.25)._merge_cls(stream, full, state)
     first = stream.cu_seqlens[:-1].long()
     # image 0: 2/4 > 0.25 → ½([10, 20] + mean([3, 6], [7, 4]) = [5, 5]); image 1: 1/4 is not > 0.25; image 2: none
@@ -279,19 +279,19 @@ def test_stage_end_stops_confident_tokens_accumulates_and_merges():
     feats[0, 3, 0] = 1.0  # confident
     stream = TokenStream.from_dense(feats, 1)
     state = _state(B, grid)
-    state.exit_stage = torch.full((4,), 2)
+    state.exit_stage = torch.full((5,), 2)  # 4 tokens, then the trash row
     policy = DoViT(0.5, agg_rate=0.1)
     out = _decided(policy.stage_end(0, 2, stream, _ChannelHead(), state))
-    assert out.pos.tolist() == [-1, 1, 3] and state.stopped.tolist() == [True, False, True, False]
-    assert state.exit_stage.tolist() == [0, 2, 0, 2]
+    assert out.pos.tolist() == [-1, 1, 3] and state.stopped.tolist() == [True, False, True, False, False]
+    assert state.exit_stage[:4].tolist() == [0, 2, 0, 2]
     mean = (feats[0, 1] + feats[0, 3]) / 2
     torch.testing.assert_close(out.x[0], 0.5 * (feats[0, 0] + mean))
     # Stage 1: token 1 becomes confident; stopped accumulate (Eq. 5), the earlier stop keeps its stage.
     x = out.x.clone()
     x[1, 0] = 1.0
     out2 = _decided(policy.stage_end(1, 2, out.with_x(x), _ChannelHead(), state))
-    assert out2.pos.tolist() == [-1, 3] and state.stopped.tolist() == [True, True, True, False]
-    assert state.exit_stage.tolist() == [0, 1, 0, 2]
+    assert out2.pos.tolist() == [-1, 3] and state.stopped.tolist() == [True, True, True, False, False]
+    assert state.exit_stage[:4].tolist() == [0, 1, 0, 2]
     full = state.buffer.view(4, C)
     torch.testing.assert_close(out2.x[0], 0.5 * (out.x[0] + full[:3].mean(0)))
 

@@ -81,6 +81,33 @@ def test_packed_batch_equals_each_image_alone(policy):
         torch.testing.assert_close(batched.stats["macs"][i], single.stats["macs"][0])
 
 
+@pytest.mark.parametrize("policy", [
+    DToP(0.25, context="topk", k=1), DToP(0.25, context="average"), DToP(0.25, context="avg_topk", k=1),
+    DToP(1.0, context="fixed_ratio", ratio=0.4), DToP([0.22, 0.3], context="remove"),
+])
+def test_token_local_head_grading_the_whole_stream_equals_grading_patches(policy, monkeypatch):
+    """An eval FCN head grades the stream with its cls/summary tokens riding along: same decisions."""
+    model = make_model(policy=policy, reg_tokens=1)
+    images = torch.randn(3, 3, 48, 64)
+    with torch.no_grad():
+        assert model.aux_heads[0].token_local
+        local = model(images)
+        monkeypatch.setattr(FCNHead, "token_local", property(lambda self: False))
+        patches = model(images)
+    torch.testing.assert_close(local.logits, patches.logits)
+    for key in ("tokens_per_stage", "exits_per_stage", "exit_stage"):
+        assert torch.equal(local.stats[key], patches.stats[key]), key
+    assert local.stats["tokens_per_stage"][:, -1].lt(local.stats["tokens_per_stage"][:, 0]).all()
+    # riding tokens are computed, so counted: 2 prefix tokens (cls + register) per image per aux head,
+    # plus the class summaries in the second head for the averaging contexts
+    extra = sum(h.macs(torch.tensor([2]))[0] for h in model.aux_heads).double()
+    diff = local.stats["macs"] - patches.stats["macs"]
+    if policy.context in ("average", "avg_topk"):
+        assert (diff > extra).all()
+    else:
+        torch.testing.assert_close(diff, extra.expand(3))
+
+
 def test_exited_tokens_cannot_influence_later_layers():
     """Engine ≡ dense blocks whose attention cannot see exited tokens, whatever those tokens hold."""
     model = make_model(prune=(2,), depth=4, policy=DToP(0.24, context="remove"))

@@ -126,8 +126,8 @@ class Segmentor(nn.Module):
             dev, nb, S = images.device, stream.batch_size, self.num_stages
             state = RunState(
                 batch_size=nb, grid=grid, num_classes=self.num_classes, num_stages=S,
-                canvas=stream.x.new_zeros(nb * N, self.num_classes, dtype=torch.float32),
-                exit_stage=torch.full((nb * N,), S - 1, dtype=torch.long, device=dev),
+                canvas=stream.x.new_zeros(nb * N + 1, self.num_classes, dtype=torch.float32),
+                exit_stage=torch.full((nb * N + 1,), S - 1, dtype=torch.long, device=dev),
                 macs=torch.full((nb,), pe, dtype=torch.float64, device=dev),
                 macs_linear=torch.full((nb,), pe, dtype=torch.float64, device=dev),
                 tokens=torch.zeros(nb, S, dtype=torch.long, device=dev),

@@ -36,15 +36,15 @@ class RunState:
     grid: tuple[int, int]
     num_classes: int
     num_stages: int
-    canvas: Tensor  # [B·N, K] assembled logits, flat over (image, patch)
-    exit_stage: Tensor  # [B·N] stage whose head made each token's prediction
+    canvas: Tensor  # [B·N + 1, K] assembled logits, flat over (image, patch), then the trash row
+    exit_stage: Tensor  # [B·N + 1] stage whose head made each token's prediction, then the trash row
     macs: Tensor  # [B] float64
     macs_linear: Tensor  # [B] float64
     tokens: Tensor  # [B, S] active patch tokens entering each stage
     stage_logits: list[Tensor] = field(default_factory=list)  # [B·N, K] per aux stage
     stage_presence: list[Tensor | None] = field(default_factory=list)
     buffer: Tensor | None = None  # [B·N, C] reconstructed features (DoViT)
-    stopped: Tensor | None = None  # [B·N] bool (DoViT)
+    stopped: Tensor | None = None  # [B·N + 1] bool (DoViT); the trash row never stops
     has_cls: bool = False  # each segment starts with a cls token
     keep_stages: bool = True  # keep per-stage maps (for aux losses); inference drops them to save memory
     phantom: bool = False
@@ -90,8 +90,14 @@ class RunState:
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
 
+    @property
+    def trash(self) -> int:
+        """Row of the flat per-token tensors that non-patch tokens write to (and nobody reads)."""
+        return self.batch_size * self.num_patches
+
     def flat(self, stream: TokenStream) -> Tensor:
-        return stream.batch * self.num_patches + stream.pos
+        """Each token's row in the flat per-token tensors (the trash row for non-patch tokens)."""
+        return torch.where(stream.pos >= 0, stream.batch * self.num_patches + stream.pos, self.trash)
 
     def add_macs(self, macs: tuple[Tensor, Tensor]) -> None:
         self.macs.add_(macs[0])
@@ -138,6 +144,14 @@ def topk_per_group(group: Tensor, score: Tensor, k: int | Tensor, num_groups: in
     limit = k[g] if isinstance(k, Tensor) else k
     chosen = (rank < limit) & (g < num_groups)
     return torch.zeros_like(chosen).index_put((order,), chosen)
+
+
+def graded_tokens(stream: TokenStream, head: SegHead) -> tuple[Tensor | None, TokenStream]:
+    """The tokens a head grades: the patch tokens (their indices in ``stream`` and their sub-stream),
+    or, for a token-local head, the whole stream (non-patch tokens ride along; index None)."""
+    if head.token_local:
+        return None, stream
+    return stream.patches()
 
 
 class Policy(nn.Module):
@@ -203,14 +217,18 @@ class DToP(Policy):
     def prunes_at(self, stage: int, num_aux: int) -> bool:
         return self.enabled and (self.context == "fixed_ratio" or self.threshold_at(stage, num_aux) < 1.0)
 
-    def _exits(self, conf: Tensor, cls: Tensor, ps: TokenStream, thr: float, K: int,
-               stage: int) -> tuple[Tensor, Tensor]:
-        """(tokens that leave the computation, tokens graded easy) among the patch tokens ``ps``."""
+    def _exits(self, conf: Tensor, cls: Tensor, ps: TokenStream, patch: Tensor, n_patch: Tensor, thr: float,
+               K: int, stage: int) -> tuple[Tensor, Tensor]:
+        """(tokens that leave the computation, tokens graded easy) among the tokens ``ps``.
+
+        Only tokens where ``patch`` may exit; ``n_patch`` [B] counts them per image.
+        """
         if self.context == "fixed_ratio":
-            quota = (ps.lengths.double() * self.ratio).floor().long()
-            easy = topk_per_group(ps.batch, conf, F.pad(quota, (0, 1)), ps.batch_size)
+            quota = (n_patch.double() * self.ratio).floor().long()
+            group = torch.where(patch, ps.batch, ps.batch_size)
+            easy = topk_per_group(group, conf, F.pad(quota, (0, 1)), ps.batch_size)
             return easy, easy
-        easy = conf >= thr
+        easy = (conf >= thr) & patch
         if self.context in ("remove", "average"):
             return easy, easy
         G = ps.batch_size * K
@@ -219,7 +237,7 @@ class DToP(Policy):
 
     def stage_end(self, stage: int, num_aux: int, stream: TokenStream, head: SegHead,
                   state: RunState) -> Decision:
-        idx, ps = stream.patches()
+        idx, ps = graded_tokens(stream, head)
         if ps.x.shape[0] == 0:
             state.snapshot(state.canvas, None)
             return stream, None, None
@@ -227,15 +245,18 @@ class DToP(Policy):
         flat = state.flat(ps)
         state.write_canvas(flat, out.logits)
         state.snapshot(state.canvas, out.presence)
-        state.add_macs(head.macs(ps.lengths))
+        state.add_macs(head.macs(ps.lengths))  # what the head computed, non-patch tokens riding along included
         if not self.prunes_at(stage, num_aux):
             return stream, None, None
         thr = self.threshold_at(stage, num_aux)
         conf, cls = head.token_probs(out, ps).max(-1)
-        exits, easy = self._exits(conf, cls, ps, thr, state.num_classes, stage)
+        exits, easy = self._exits(conf, cls, ps, ps.pos >= 0, state.tokens[:, stage], thr, state.num_classes, stage)
         state.exit_stage.index_put_((flat,), torch.where(exits, stage, state.exit_stage[flat]))
-        keep = torch.ones(stream.x.shape[0], dtype=torch.bool, device=idx.device).index_put((idx,), ~exits)
-        keep = keep | (stream.pos < 0)  # prefix and summary tokens never exit
+        if idx is None:
+            keep = ~exits
+        else:  # prefix and summary tokens never exit
+            keep = torch.ones(stream.x.shape[0], dtype=torch.bool, device=idx.device).index_put((idx,), ~exits)
+            keep = keep | (stream.pos < 0)
         summary = self._summaries(ps, easy, cls, state.num_classes) if self.context in ("average", "avg_topk") else None
         return stream, keep, summary
 
@@ -250,7 +271,7 @@ class DToP(Policy):
         return Extra(sums / counts.clamp(min=1)[:, None], image, counts > 0)
 
     def finish(self, stream: TokenStream, head: SegHead, norm: nn.Module, state: RunState) -> None:
-        _, ps = stream.patches()
+        _, ps = stream.patches()  # patch tokens only, as the dense model's decode head
         if ps.x.shape[0] == 0:
             return
         out = head(norm(ps.x), ps)
@@ -303,11 +324,11 @@ class DoViT(Policy):
         if self.diff_conf is not None:
             stop = stop | (conf < self.diff_conf)
         if state.stopped is None:
-            state.stopped = torch.zeros_like(stop)
-        state.exit_stage.masked_fill_(stop & ~state.stopped, stage)
-        state.stopped |= stop
-        patch = stream.pos >= 0
-        keep = ~patch | ~state.stopped[state.flat(stream).clamp(min=0)]
+            state.stopped = F.pad(torch.zeros_like(stop), (0, 1))
+        stopped = state.stopped[:-1]
+        state.exit_stage[:-1].masked_fill_(stop & ~stopped, stage)
+        stopped |= stop
+        keep = ~state.stopped[state.flat(stream)]  # non-patch tokens map to the trash row, never stopped
         if self.merge_cls and state.has_cls:
             stream = self._merge_cls(stream, full, state)
         return stream, keep, None
@@ -315,7 +336,7 @@ class DoViT(Policy):
     def _merge_cls(self, stream: TokenStream, full: Tensor, state: RunState) -> TokenStream:
         """Eq. 8: cls ← ½(cls + mean of stopped tokens), once more than ``agg_rate`` have stopped."""
         B, N, n = state.batch_size, state.num_patches, state.num_images
-        stopped = state.stopped.view(B, N)[:n]
+        stopped = state.stopped[:-1].view(B, N)[:n]
         count = stopped.sum(1)
         mean = (full.view(B, N, -1)[:n] * stopped[..., None].to(full.dtype)).sum(1) / count.clamp(min=1)[:, None]
         first = stream.cu_seqlens[:n].long()
@@ -328,7 +349,7 @@ class DoViT(Policy):
         fs = state.full_stream(full)
         out = head(norm(full), fs)
         if state.inplace:
-            state.canvas.copy_(out.logits)
+            state.canvas[:-1].copy_(out.logits)
         else:
             state.canvas = out.logits.to(state.canvas.dtype)
         state.add_macs(head.macs(fs.lengths))
@@ -364,14 +385,14 @@ class RecordedDecisions(DToP):
     def prunes_at(self, stage: int, num_aux: int) -> bool:
         return self.enabled and stage < len(self.keep)
 
-    def _exits(self, conf: Tensor, cls: Tensor, ps: TokenStream, thr: float, K: int,
-               stage: int) -> tuple[Tensor, Tensor]:
+    def _exits(self, conf: Tensor, cls: Tensor, ps: TokenStream, patch: Tensor, n_patch: Tensor, thr: float,
+               K: int, stage: int) -> tuple[Tensor, Tensor]:
         mask = self.keep[stage]
         if mask.device != ps.x.device:
             mask = self.keep[stage] = mask.to(ps.x.device)
         if mask.shape[0] != ps.num_images:
             raise ValueError(f"Recorded keep masks are for {mask.shape[0]} images; the batch has {ps.num_images}.")
-        leave = ~mask[ps.batch.clamp(max=mask.shape[0] - 1), ps.pos]  # a phantom image borrows a real row
+        leave = ~mask[ps.batch.clamp(max=mask.shape[0] - 1), ps.pos] & patch  # a phantom image borrows a real row
         return leave, leave
 
 

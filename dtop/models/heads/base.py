@@ -29,6 +29,15 @@ class SegHead(nn.Module):
     in_channels: int
     num_classes: int
 
+    @property
+    def token_local(self) -> bool:
+        """Whether each token's output depends on that token alone.
+
+        Such a head may see non-patch tokens (cls, summaries) beside the patch tokens and have their
+        outputs ignored, which spares policies a reorder of the stream at every stage end.
+        """
+        return False
+
     def forward(self, x: Tensor, stream: TokenStream) -> HeadOutput:  # pragma: no cover - interface
         raise NotImplementedError
 

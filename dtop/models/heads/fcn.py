@@ -34,6 +34,10 @@ class FCNHead(SegHead):
         self.dropout = nn.Dropout(dropout)
         self.cls = nn.Linear(width, num_classes)
 
+    @property
+    def token_local(self) -> bool:
+        return not self.training  # training BatchNorm pools statistics over the tokens it sees
+
     def forward(self, x: Tensor, stream: TokenStream) -> HeadOutput:
         return HeadOutput(self.cls(self.dropout(self.conv(self.norm(x)))))
 
