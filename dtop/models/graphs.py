@@ -38,6 +38,8 @@ class _Tokens:
     pos: Tensor
     cu: Tensor  # [B + 1] over the real images
     stats: Tensor  # [kept, longest segment, shortest segment, kept non-patch tokens]
+    host_stats: Tensor  # the same, copied into pinned host memory by the graph itself
+    ready: Any  # CUDA event recorded after the replay that fills ``host_stats`` (None on the CPU)
 
 
 @dataclass
@@ -81,7 +83,10 @@ class StageGraphs:
             if g == 0:
                 key, size = (ckey, 0), None
             else:
-                n_keep, max_len, _, n_special = ctx.tokens[g % 2].stats.tolist()
+                src = ctx.tokens[g % 2]
+                if src.ready is not None:
+                    src.ready.synchronize()  # the one host wait per pruning stage
+                n_keep, max_len, _, n_special = src.host_stats.tolist()
                 T0 = ctx.tokens[g % 2].x.shape[0]
                 Tb = min(_round_up(max(n_keep, 1), max(self.bucket, _round_up(T0 // 32, 8))), T0)
                 L = min(_round_up(max(max_len, Tb - n_keep + n_special, 1), self.bucket), Tb)
@@ -93,6 +98,8 @@ class StageGraphs:
                     return self._program(model, ctx, g, first, last, size, B)
 
             out = self._replay(key, program, ctx)
+            if g + 1 < len(ctx.groups) and ctx.tokens[(g + 1) % 2].ready is not None:
+                ctx.tokens[(g + 1) % 2].ready.record()
         return _clone(out)
 
     def _context(self, model: Segmentor, images: Tensor) -> tuple[_Context, tuple]:
@@ -135,13 +142,16 @@ class StageGraphs:
             ctx.tokens[j] = _Tokens(x.new_zeros(ctx.capacity, x.shape[1]),
                                     torch.zeros(ctx.capacity, dtype=torch.long, device=dev),
                                     torch.zeros(ctx.capacity, dtype=torch.long, device=dev),
-                                    torch.zeros_like(cu), torch.zeros_like(stats))
+                                    torch.zeros_like(cu), torch.zeros_like(stats),
+                                    torch.zeros(stats.shape, dtype=stats.dtype, pin_memory=x.is_cuda),
+                                    torch.cuda.Event() if x.is_cuda else None)
         dst, m = ctx.tokens[j], order.numel()
         torch.index_select(x, 0, order, out=dst.x[:m])
         torch.index_select(batch, 0, order, out=dst.batch[:m])
         torch.index_select(pos, 0, order, out=dst.pos[:m])
         dst.cu.copy_(cu)
         dst.stats.copy_(stats)
+        dst.host_stats.copy_(stats, non_blocking=True)
         return None
 
     @staticmethod

@@ -158,7 +158,7 @@ class TokenStream:
         cu = before[self.cu_seqlens.long()]
         if self.phantom:
             T = self.x.shape[0]
-            cu[-1] = T
+            cu[-1:].fill_(T)
             batch = torch.where(torch.arange(T, device=idx.device) < before[-1], self.batch[idx], self.batch_size - 1)
             return idx, TokenStream(self.x[idx], batch, self.pos.clamp(min=0)[idx], cu.to(torch.int32), self.max_len,
                                     self.batch_size, 0, False, True)
