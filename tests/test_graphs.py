@@ -126,9 +126,11 @@ def test_unpruned_inference_and_training_loss_need_no_host_sync():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         with torch.no_grad():
             model.predict(images)  # warm caches
+        masks = [m.cuda() for m in random_keep_masks(2, 12, [0.6, 0.3], 0.1)]
+        torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            model.policy.set_keep([m.cuda() for m in random_keep_masks(2, 12, [0.6, 0.3], 0.1)])
+            model.policy.set_keep(masks)
             with torch.no_grad(), model.dense_mode():
                 model.predict(images)
             model.train()
