@@ -133,7 +133,7 @@ def test_bench_runs_on_cpu(tmp_path, dtype):
                   "batch_size=2", "iters=2", "warmup=1", "keep=[0.6,0.4]", f"dtype={dtype}", cwd=tmp_path))
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     inf = result["inference"]
-    assert inf["gmacs_ratio"] < 0.8 and inf["efficiency"] > 0 and "train" in result
+    assert inf["gmacs_ratio"] < 0.85 and inf["efficiency"] > 0 and "train" in result
     assert result["train"]["speedup"] > 0 and result["precision"] == "pure"
     assert json.loads((newest_run(tmp_path, "bench") / "bench.json").read_text())["batch_size"] == 2
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import Tensor
 
+from dtop.models.fusion import fusable, fusing
 from dtop.models.packed import TokenStream
 from dtop.models.policies import RunState
 
@@ -64,11 +65,12 @@ class StageGraphs:
 
     ``bucket``: token counts are rounded up to a multiple of max(bucket, 1/32 of the full count), so
     the padding costs at most ~3 % and one batch shape needs few graphs. Past ``max_graphs`` new
-    sizes run the same code eagerly instead of capturing more.
+    sizes run the same code eagerly instead of capturing more. ``fuse``: run the bookkeeping marked
+    :func:`~dtop.models.fusion.fusable` compiled (CUDA only).
     """
 
-    def __init__(self, bucket: int = 64, max_graphs: int = 256, capture: bool = True) -> None:
-        self.bucket, self.max_graphs, self.capture = bucket, max_graphs, capture
+    def __init__(self, bucket: int = 64, max_graphs: int = 256, capture: bool = True, fuse: bool = True) -> None:
+        self.bucket, self.max_graphs, self.capture, self.fuse = bucket, max_graphs, capture, fuse
         self.contexts: dict[tuple, _Context] = {}
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Any]] = {}
         self.pool = None
@@ -94,7 +96,7 @@ class StageGraphs:
 
             def program(g: int = g, first: int = first, last: int = last, size: Any = size) -> Any:
                 with torch.autocast(images.device.type, dtype=amp or torch.float32, enabled=amp is not None,
-                                    cache_enabled=False):
+                                    cache_enabled=False), fusing(self.fuse and images.is_cuda):
                     return self._program(model, ctx, g, first, last, size, B)
 
             out = self._replay(key, program, ctx)
@@ -158,12 +160,7 @@ class StageGraphs:
     def _stream_in(ctx: _Context, src: _Tokens, size: tuple[int, int, int], B: int) -> TokenStream:
         """The next group's stream: the kept tokens, then a phantom image up to the bucket size."""
         Tb, L, n_special = size
-        N = ctx.state.num_patches
-        ar = torch.arange(Tb, device=src.x.device)
-        real = ar < src.stats[0]
-        batch = torch.where(real, src.batch[:Tb], B)
-        pos = torch.where(real, src.pos[:Tb], ar % N)
-        cu = torch.cat([src.cu, torch.full((1,), Tb, dtype=src.cu.dtype, device=src.cu.device)])
+        batch, pos, cu = _phantom_tail(src.batch[:Tb], src.pos[:Tb], src.cu, src.stats[0], B, ctx.state.num_patches)
         return TokenStream(src.x[:Tb], batch, pos, cu, L, B + 1, n_special, False, True)
 
     def _replay(self, key: tuple, program: Callable[[], Any], ctx: _Context) -> Any:
@@ -193,6 +190,16 @@ class StageGraphs:
         with torch.cuda.graph(graph, pool=self.pool):
             out = program()
         return graph, out
+
+
+@fusable
+def _phantom_tail(batch: Tensor, pos: Tensor, cu: Tensor, n_keep: Tensor, B: int,
+                  N: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Tokens past the ``n_keep`` kept ones become image ``B`` (the phantom), at positions cycling over the grid."""
+    ar = torch.arange(batch.shape[0], device=batch.device)
+    real = ar < n_keep
+    tail = torch.full((1,), batch.shape[0], dtype=cu.dtype, device=cu.device)
+    return torch.where(real, batch, B), torch.where(real, pos, ar % N), torch.cat([cu, tail])
 
 
 def _state_tensors(state: RunState) -> list[Tensor]:

@@ -17,6 +17,8 @@ from timm.layers import DropPath
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from dtop.models.fusion import fusable
+
 try:
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # torch < 2.10
@@ -31,6 +33,49 @@ def _stable_partition(flag: Tensor, before: Tensor) -> Tensor:
     ar = torch.arange(flag.shape[0], device=flag.device)
     dest = torch.where(flag, before[1:] - 1, before[-1] + ar - before[1:])
     return torch.empty_like(ar).index_put_((dest,), ar)
+
+
+@fusable
+def _plan(keep: Tensor, batch: Tensor, pos: Tensor, cu_seqlens: Tensor, n_img: int,
+          ekeep: Tensor | None = None, ebatch: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(order, cu_seqlens, stats) of :meth:`TokenStream.plan` for a stream (+ extra tokens ``ekeep``/``ebatch``)."""
+    keep = keep & (batch < n_img)  # a phantom image's tokens never stay
+    kept = F.pad(keep.cumsum(0), (1, 0))  # kept stream tokens before each position
+    before = kept[cu_seqlens[: n_img + 1].long()]  # ... before each image
+    special = (keep & (pos < 0)).sum()
+    if ekeep is None or ebatch is None:
+        cu, order = before, _stable_partition(keep, kept)
+    else:
+        ekeep = ekeep & (ebatch < n_img)
+        ekept = F.pad(ekeep.cumsum(0), (1, 0))
+        ebefore = ekept[torch.searchsorted(ebatch, torch.arange(n_img + 1, device=keep.device))]
+        cu = before + ebefore
+        n_keep, n_drop = cu[-1], keep.shape[0] - kept[-1]
+        ar, ear = torch.arange(keep.shape[0], device=keep.device), torch.arange(ekeep.shape[0], device=keep.device)
+        # a kept stream token goes after the kept extras of earlier images; a kept extra token after
+        # its image's kept stream tokens; dropped ones follow in any order
+        dest = torch.cat([torch.where(keep, kept[1:] - 1 + ebefore[batch], n_keep + ar - kept[1:]),
+                          torch.where(ekeep, before[(ebatch + 1).clamp(max=n_img)] + ekept[1:] - 1,
+                                      n_keep + n_drop + ear - ekept[1:])])
+        order = torch.empty_like(dest).index_put_((dest,), torch.arange(dest.shape[0], device=dest.device))
+        special = special + ekeep.sum()
+    counts = cu[1:] - cu[:-1]
+    return order, cu.to(torch.int32), torch.stack([cu[-1], counts.max(), counts.min(), special])
+
+
+@fusable
+def _patch_order(batch: Tensor, pos: Tensor, cu_seqlens: Tensor, batch_size: int,
+                 phantom: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(idx, batch, pos, cu_seqlens) of the patch tokens first, then the others (see :meth:`TokenStream.patches`)."""
+    is_patch = pos >= 0
+    before = F.pad(is_patch.cumsum(0), (1, 0))
+    idx = _stable_partition(is_patch, before)
+    cu = before[cu_seqlens.long()]
+    if phantom:  # the other tokens join the phantom (last) image, at patch position 0
+        cu[-1:].fill_(pos.shape[0])
+        batch = torch.where(torch.arange(pos.shape[0], device=idx.device) < before[-1], batch[idx], batch_size - 1)
+        return idx, batch, pos.clamp(min=0)[idx], cu.to(torch.int32)
+    return idx, batch[idx], pos[idx], cu.to(torch.int32)
 
 
 @dataclass(frozen=True)
@@ -106,33 +151,13 @@ class TokenStream:
         No sort: segments are contiguous and in image order, so a running count of kept tokens gives
         every kept token its place (a sort costs ~10× more kernel time on a GPU).
         """
-        n_img = self.num_images
-        keep = keep & (self.batch < n_img)  # a phantom image's tokens never stay
-        kept = F.pad(keep.cumsum(0), (1, 0))  # kept stream tokens before each position
-        before = kept[self.cu_seqlens[: n_img + 1].long()]  # ... before each image
-        special = (keep & (self.pos < 0)).sum()
         if extra is None:
-            (x, batch, pos), cu = (self.x, self.batch, self.pos), before
-            order = _stable_partition(keep, kept)
-        else:
-            ekeep = extra.keep & (extra.batch < n_img)
-            ekept = F.pad(ekeep.cumsum(0), (1, 0))
-            ebefore = ekept[torch.searchsorted(extra.batch, torch.arange(n_img + 1, device=keep.device))]
-            cu = before + ebefore
-            n_keep, n_drop = cu[-1], keep.shape[0] - kept[-1]
-            ar, ear = torch.arange(keep.shape[0], device=keep.device), torch.arange(ekeep.shape[0], device=keep.device)
-            # a kept stream token goes after the kept extras of earlier images; a kept extra token after
-            # its image's kept stream tokens; dropped ones follow in any order
-            dest = torch.cat([torch.where(keep, kept[1:] - 1 + ebefore[self.batch], n_keep + ar - kept[1:]),
-                              torch.where(ekeep, before[(extra.batch + 1).clamp(max=n_img)] + ekept[1:] - 1,
-                                          n_keep + n_drop + ear - ekept[1:])])
-            order = torch.empty_like(dest).index_put_((dest,), torch.arange(dest.shape[0], device=dest.device))
-            x, batch = torch.cat([self.x, extra.x.to(self.x.dtype)]), torch.cat([self.batch, extra.batch])
-            pos = torch.cat([self.pos, torch.full_like(extra.batch, -1)])
-            special = special + ekeep.sum()
-        counts = cu[1:] - cu[:-1]
-        stats = torch.stack([cu[-1], counts.max(), counts.min(), special])
-        return (x, batch, pos), order, cu.to(torch.int32), stats
+            order, cu, stats = _plan(keep, self.batch, self.pos, self.cu_seqlens, self.num_images)
+            return (self.x, self.batch, self.pos), order, cu, stats
+        order, cu, stats = _plan(keep, self.batch, self.pos, self.cu_seqlens, self.num_images, extra.keep, extra.batch)
+        x, batch = torch.cat([self.x, extra.x.to(self.x.dtype)]), torch.cat([self.batch, extra.batch])
+        pos = torch.cat([self.pos, torch.full_like(extra.batch, -1)])
+        return (x, batch, pos), order, cu, stats
 
     def select(self, keep: Tensor, extra: Extra | None = None) -> TokenStream:
         """Keep the tokens where ``keep`` is true, plus the kept ``extra`` tokens (one host sync).
@@ -152,25 +177,18 @@ class TokenStream:
         """
         if self.num_special == 0 and not self.phantom:
             return torch.arange(self.x.shape[0], device=self.x.device), self
-        is_patch = self.pos >= 0
-        before = F.pad(is_patch.cumsum(0), (1, 0))
-        idx = _stable_partition(is_patch, before)
-        cu = before[self.cu_seqlens.long()]
+        idx, batch, pos, cu = _patch_order(self.batch, self.pos, self.cu_seqlens, self.batch_size, self.phantom)
         if self.phantom:
-            T = self.x.shape[0]
-            cu[-1:].fill_(T)
-            batch = torch.where(torch.arange(T, device=idx.device) < before[-1], self.batch[idx], self.batch_size - 1)
-            return idx, TokenStream(self.x[idx], batch, self.pos.clamp(min=0)[idx], cu.to(torch.int32), self.max_len,
-                                    self.batch_size, 0, False, True)
-        idx = idx[: self.x.shape[0] - self.num_special]
+            return idx, TokenStream(self.x[idx], batch, pos, cu, self.max_len, self.batch_size, 0, False, True)
+        n = self.x.shape[0] - self.num_special
+        idx, batch, pos = idx[:n], batch[:n], pos[:n]
         counts = cu[1:] - cu[:-1]
         if self.x.is_cuda:
             max_len, uniform = self.max_len, False
         else:
             max_len, min_len = torch.stack([counts.max(), counts.min()]).tolist()
             uniform = max_len == min_len
-        return idx, TokenStream(self.x[idx], self.batch[idx], self.pos[idx], cu.to(torch.int32), max_len,
-                                self.batch_size, 0, uniform)
+        return idx, TokenStream(self.x[idx], batch, pos, cu, max_len, self.batch_size, 0, uniform)
 
     def rank(self) -> Tensor:
         """Each token's index within its segment."""
