@@ -30,6 +30,21 @@ def fusing(on: bool = True) -> Iterator[None]:
         _active = before
 
 
+@torch.library.custom_op("dtop::running_count", mutates_args=())
+def running_count(flag: torch.Tensor) -> torch.Tensor:
+    """[0, cumsum(flag)] as int64: how many flagged positions precede each position (and the total).
+
+    An opaque op so that compiled code keeps the library's scan (CUB on CUDA, ~3 µs for 32k
+    elements); Inductor's own scan of one long row runs in a single thread block, ~20× slower.
+    """
+    return torch.nn.functional.pad(flag.long().cumsum(0), (1, 0))
+
+
+@running_count.register_fake
+def _(flag: torch.Tensor) -> torch.Tensor:
+    return flag.new_empty(flag.shape[0] + 1, dtype=torch.long)
+
+
 def fusable(fn: F) -> F:
     """Mark a pure tensor function (no host syncs, no Python side effects) for compiled fusion."""
     compiled: Callable[..., Any] | None = None

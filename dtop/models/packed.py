@@ -17,7 +17,7 @@ from timm.layers import DropPath
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from dtop.models.fusion import fusable
+from dtop.models.fusion import fusable, running_count
 
 try:
     from torch.nn.attention.varlen import varlen_attn
@@ -32,7 +32,7 @@ def _stable_partition(flag: Tensor, before: Tensor) -> Tensor:
     """
     ar = torch.arange(flag.shape[0], device=flag.device)
     dest = torch.where(flag, before[1:] - 1, before[-1] + ar - before[1:])
-    return torch.empty_like(ar).index_put_((dest,), ar)
+    return torch.empty_like(ar).scatter_(0, dest, ar)
 
 
 @fusable
@@ -40,14 +40,14 @@ def _plan(keep: Tensor, batch: Tensor, pos: Tensor, cu_seqlens: Tensor, n_img: i
           ekeep: Tensor | None = None, ebatch: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(order, cu_seqlens, stats) of :meth:`TokenStream.plan` for a stream (+ extra tokens ``ekeep``/``ebatch``)."""
     keep = keep & (batch < n_img)  # a phantom image's tokens never stay
-    kept = F.pad(keep.cumsum(0), (1, 0))  # kept stream tokens before each position
+    kept = running_count(keep)  # kept stream tokens before each position
     before = kept[cu_seqlens[: n_img + 1].long()]  # ... before each image
-    special = (keep & (pos < 0)).sum()
+    special = running_count(keep & (pos < 0))[-1]  # a scan, not a sum: compiled, a sum fuses into a one-block pass
     if ekeep is None or ebatch is None:
         cu, order = before, _stable_partition(keep, kept)
     else:
         ekeep = ekeep & (ebatch < n_img)
-        ekept = F.pad(ekeep.cumsum(0), (1, 0))
+        ekept = running_count(ekeep)
         ebefore = ekept[torch.searchsorted(ebatch, torch.arange(n_img + 1, device=keep.device))]
         cu = before + ebefore
         n_keep, n_drop = cu[-1], keep.shape[0] - kept[-1]
@@ -57,8 +57,8 @@ def _plan(keep: Tensor, batch: Tensor, pos: Tensor, cu_seqlens: Tensor, n_img: i
         dest = torch.cat([torch.where(keep, kept[1:] - 1 + ebefore[batch], n_keep + ar - kept[1:]),
                           torch.where(ekeep, before[(ebatch + 1).clamp(max=n_img)] + ekept[1:] - 1,
                                       n_keep + n_drop + ear - ekept[1:])])
-        order = torch.empty_like(dest).index_put_((dest,), torch.arange(dest.shape[0], device=dest.device))
-        special = special + ekeep.sum()
+        order = torch.empty_like(dest).scatter_(0, dest, torch.arange(dest.shape[0], device=dest.device))
+        special = special + ekept[-1]
     counts = cu[1:] - cu[:-1]
     return order, cu.to(torch.int32), torch.stack([cu[-1], counts.max(), counts.min(), special])
 
@@ -68,7 +68,7 @@ def _patch_order(batch: Tensor, pos: Tensor, cu_seqlens: Tensor, batch_size: int
                  phantom: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(idx, batch, pos, cu_seqlens) of the patch tokens first, then the others (see :meth:`TokenStream.patches`)."""
     is_patch = pos >= 0
-    before = F.pad(is_patch.cumsum(0), (1, 0))
+    before = running_count(is_patch)
     idx = _stable_partition(is_patch, before)
     cu = before[cu_seqlens.long()]
     if phantom:  # the other tokens join the phantom (last) image, at patch position 0
