@@ -120,7 +120,7 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         for block in model.backbone.blocks:
             block.mlp.compile(dynamic=True)
     if cfg.cuda_graphs and device.type == "cuda":
-        model.enable_cuda_graphs(int(cfg.graph_bucket), fuse=bool(cfg.graph_fuse))
+        model.enable_cuda_graphs(int(cfg.graph_bucket))
 
     def infer(i: int, dense: bool) -> None:
         if real is None:

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dtop.models.heads.base import SegHead
-from dtop.models.fusion import fusable
 from dtop.models.macs import blocks_coefficients, blocks_macs, patch_embed_macs
 from dtop.models.resize import resize_bilinear
 from dtop.models.packed import TokenStream, blocks_forward
@@ -27,7 +26,6 @@ if TYPE_CHECKING:
     from dtop.models.graphs import StageGraphs
 
 
-@fusable
 def _count_stage(batch: Tensor, pos: Tensor, cu_seqlens: Tensor, tokens: Tensor, macs: Tensor, macs_linear: Tensor,
                  stage: int, linear: int, pairs: int) -> None:
     """Record the patch tokens entering ``stage`` and add its blocks' MACs (``linear``·n + ``pairs``·n²)."""
@@ -81,16 +79,15 @@ class Segmentor(nn.Module):
         self.graphs: StageGraphs | None = None
         self._dense_macs: dict[tuple[int, int], tuple[float, float]] = {}
 
-    def enable_cuda_graphs(self, bucket: int = 64, fuse: bool = True) -> None:
+    def enable_cuda_graphs(self, bucket: int = 64) -> None:
         """Replay inference as CUDA graphs, one per run of stages between pruning decisions.
 
         Applies on CUDA with fp16/bf16, no autograd, eval mode and ``keep_stages=False`` (what
-        :meth:`predict` uses); anything else runs eagerly. ``fuse`` compiles the stage-end bookkeeping
-        into a few kernels (:mod:`dtop.models.fusion`; the first batch compiles). See :mod:`dtop.models.graphs`.
+        :meth:`predict` uses); anything else runs eagerly. See :mod:`dtop.models.graphs`.
         """
         from dtop.models.graphs import StageGraphs
 
-        self.graphs = StageGraphs(bucket, fuse=fuse)
+        self.graphs = StageGraphs(bucket)
 
     def _graphable(self, x: Tensor) -> bool:
         half = (torch.float16, torch.bfloat16)

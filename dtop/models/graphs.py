@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import Tensor
 
-from dtop.models.fusion import fusable, fusing
 from dtop.models.packed import TokenStream
 from dtop.models.policies import RunState
 
@@ -65,12 +64,11 @@ class StageGraphs:
 
     ``bucket``: token counts are rounded up to a multiple of max(bucket, 1/32 of the full count), so
     the padding costs at most ~3 % and one batch shape needs few graphs. Past ``max_graphs`` new
-    sizes run the same code eagerly instead of capturing more. ``fuse``: run the bookkeeping marked
-    :func:`~dtop.models.fusion.fusable` compiled (CUDA only).
+    sizes run the same code eagerly instead of capturing more.
     """
 
-    def __init__(self, bucket: int = 64, max_graphs: int = 256, capture: bool = True, fuse: bool = True) -> None:
-        self.bucket, self.max_graphs, self.capture, self.fuse = bucket, max_graphs, capture, fuse
+    def __init__(self, bucket: int = 64, max_graphs: int = 256, capture: bool = True) -> None:
+        self.bucket, self.max_graphs, self.capture = bucket, max_graphs, capture
         self.contexts: dict[tuple, _Context] = {}
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Any]] = {}
         self.pool = None
@@ -96,7 +94,7 @@ class StageGraphs:
 
             def program(g: int = g, first: int = first, last: int = last, size: Any = size) -> Any:
                 with torch.autocast(images.device.type, dtype=amp or torch.float32, enabled=amp is not None,
-                                    cache_enabled=False), fusing(self.fuse and images.is_cuda):
+                                    cache_enabled=False):
                     return self._program(model, ctx, g, first, last, size, B)
 
             out = self._replay(key, program, ctx)
@@ -192,7 +190,6 @@ class StageGraphs:
         return graph, out
 
 
-@fusable
 def _phantom_tail(batch: Tensor, pos: Tensor, cu: Tensor, n_keep: Tensor, B: int,
                   N: int) -> tuple[Tensor, Tensor, Tensor]:
     """Tokens past the ``n_keep`` kept ones become image ``B`` (the phantom), at positions cycling over the grid."""

@@ -17,12 +17,16 @@ from timm.layers import DropPath
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from dtop.models.fusion import fusable, running_count
 
 try:
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # torch < 2.10
     varlen_attn = None
+
+
+def running_count(flag: Tensor) -> Tensor:
+    """[0, cumsum(flag)]: how many flagged positions precede each position (and, last, the total)."""
+    return F.pad(flag.long().cumsum(0), (1, 0))
 
 
 def _stable_partition(flag: Tensor, before: Tensor) -> Tensor:
@@ -35,14 +39,13 @@ def _stable_partition(flag: Tensor, before: Tensor) -> Tensor:
     return torch.empty_like(ar).scatter_(0, dest, ar)
 
 
-@fusable
 def _plan(keep: Tensor, batch: Tensor, pos: Tensor, cu_seqlens: Tensor, n_img: int,
           ekeep: Tensor | None = None, ebatch: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(order, cu_seqlens, stats) of :meth:`TokenStream.plan` for a stream (+ extra tokens ``ekeep``/``ebatch``)."""
     keep = keep & (batch < n_img)  # a phantom image's tokens never stay
     kept = running_count(keep)  # kept stream tokens before each position
     before = kept[cu_seqlens[: n_img + 1].long()]  # ... before each image
-    special = running_count(keep & (pos < 0))[-1]  # a scan, not a sum: compiled, a sum fuses into a one-block pass
+    special = (keep & (pos < 0)).sum()
     if ekeep is None or ebatch is None:
         cu, order = before, _stable_partition(keep, kept)
     else:
@@ -63,7 +66,6 @@ def _plan(keep: Tensor, batch: Tensor, pos: Tensor, cu_seqlens: Tensor, n_img: i
     return order, cu.to(torch.int32), torch.stack([cu[-1], counts.max(), counts.min(), special])
 
 
-@fusable
 def _patch_order(batch: Tensor, pos: Tensor, cu_seqlens: Tensor, batch_size: int,
                  phantom: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(idx, batch, pos, cu_seqlens) of the patch tokens first, then the others (see :meth:`TokenStream.patches`)."""
