@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dtop.models.heads.base import SegHead
-from dtop.models.macs import blocks_coefficients, blocks_macs, patch_embed_macs
+from dtop.models.macs import blocks_macs, patch_embed_macs
 from dtop.models.resize import resize_bilinear
 from dtop.models.packed import TokenStream, blocks_forward
 from dtop.models.policies import Decision, DToP, Policy, RunState
@@ -24,17 +24,6 @@ from dtop.models.vit import ViTBackbone
 
 if TYPE_CHECKING:
     from dtop.models.graphs import StageGraphs
-
-
-def _count_stage(batch: Tensor, pos: Tensor, cu_seqlens: Tensor, tokens: Tensor, macs: Tensor, macs_linear: Tensor,
-                 stage: int, linear: int, pairs: int) -> None:
-    """Record the patch tokens entering ``stage`` and add its blocks' MACs (``linear``·n + ``pairs``·n²)."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    special = torch.zeros_like(lengths).index_add_(0, batch, (pos < 0).long())
-    tokens[:, stage] = lengths - special
-    n = lengths.double()
-    macs.add_(n * linear + n * n * pairs)
-    macs_linear.add_(n * linear)
 
 
 @dataclass
@@ -150,10 +139,13 @@ class Segmentor(nn.Module):
     def run_stage(self, stage: int, stream: TokenStream, state: RunState) -> Decision:
         """One stage: its blocks on the packed stream, then the policy's decision (or, last, the decode head)."""
         starts, ends = [0] + self.prune_layers, self.prune_layers + [self.backbone.depth]
+        lengths = stream.lengths
+        special = torch.zeros(stream.batch_size, dtype=torch.long, device=lengths.device)
+        special.index_add_(0, stream.batch, (stream.pos < 0).long())
+        state.tokens[:, stage] = lengths - special
         blocks = self.backbone.blocks[starts[stage]:ends[stage]]
-        _count_stage(stream.batch, stream.pos, stream.cu_seqlens, state.tokens, state.macs, state.macs_linear, stage,
-                     *blocks_coefficients(blocks))
         stream = blocks_forward(blocks, stream)
+        state.add_macs(blocks_macs(blocks, lengths))
         if stage == self.num_stages - 1:
             self.policy.finish(stream, self.decode_head, self.backbone.norm, state)
         elif self.training or self.prunes_after(stage):

@@ -30,14 +30,10 @@ def block_coefficients(block: Block) -> tuple[int, int]:
     return linear, 2 * attn_dim
 
 
-def blocks_coefficients(blocks: Sequence[Block]) -> tuple[int, int]:
-    """(linear MACs per token, attention MACs per token pair) of consecutive blocks."""
-    return sum(block_coefficients(b)[0] for b in blocks), sum(block_coefficients(b)[1] for b in blocks)
-
-
 def blocks_macs(blocks: Sequence[Block], n: Tensor) -> tuple[Tensor, Tensor]:
     """MACs of consecutive blocks for ``n`` tokens per image ([B] tensor): (all, linear only)."""
-    linear, pairs = blocks_coefficients(blocks)
+    linear = sum(block_coefficients(b)[0] for b in blocks)
+    pairs = sum(block_coefficients(b)[1] for b in blocks)
     n = n.to(torch.float64)
     lin = n * linear
     return lin + n * n * pairs, lin

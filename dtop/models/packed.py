@@ -17,7 +17,6 @@ from timm.layers import DropPath
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-
 try:
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # torch < 2.10
