@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -9,13 +12,29 @@ from torch import Tensor
 from dtop.models.resize import resize_bilinear
 
 
+@lru_cache(maxsize=1)
+def _fused_kernel() -> Callable[..., Tensor] | None:
+    """The Triton pixel CE (:mod:`dtop.kernels.cross_entropy`), or None where Triton is missing."""
+    try:
+        from dtop.kernels.cross_entropy import pixel_cross_entropy_sum
+    except ImportError:
+        return None
+    return pixel_cross_entropy_sum
+
+
 def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = 255,
                   class_weight: Tensor | None = None) -> Tensor:
     """Pixel CE over the labelled pixels of [B, K, H, W] logits (zero, not NaN, when none are labelled).
 
-    Summed, then divided by the labelled pixels' (class-weighted) count: no host sync.
+    Summed, then divided by the labelled pixels' (class-weighted) count: no host sync. CUDA maps take
+    the fused Triton kernels (same value, ~3× less memory traffic, no fp32 copy of the map).
     """
-    total = F.cross_entropy(logits.float(), target, weight=class_weight, ignore_index=ignore_index, reduction="sum")
+    fused = _fused_kernel() if logits.is_cuda and logits.dim() > 2 else None
+    if fused is not None:
+        total = fused(logits, target, class_weight, ignore_index)
+    else:
+        total = F.cross_entropy(logits.float(), target, weight=class_weight, ignore_index=ignore_index,
+                                reduction="sum")
     valid = target != ignore_index
     if class_weight is None:
         denom = valid.sum()

@@ -1,11 +1,18 @@
 """Where pruned inference or a training step spends its time on a GPU: kernel vs wall time, top ops.
 
-python scripts/profile_gpu.py [vit_base_patch16_224] [batch] [size] [infer|train]
+python scripts/profile_gpu.py [vit_base_patch16_224] [batch] [size] [infer|train] [gaps]
+
+``gaps``: also trace one step with Python stacks and charge every idle stretch of the GPU (> 5 µs) to
+the innermost ``dtop`` function that launched the kernel ending it: where the host falls behind.
 """
 
 from __future__ import annotations
 
+import bisect
+import collections
+import json
 import sys
+import tempfile
 from functools import partial
 
 import torch
@@ -21,6 +28,7 @@ name = sys.argv[1] if len(sys.argv) > 1 else "vit_base_patch16_224"
 B = int(sys.argv[2]) if len(sys.argv) > 2 else 8
 S = int(sys.argv[3]) if len(sys.argv) > 3 else 512
 mode = sys.argv[4] if len(sys.argv) > 4 else "infer"
+gaps = len(sys.argv) > 5 and sys.argv[5] == "gaps"
 layers = [6, 8] if "base" in name else [8, 16]
 keep = [0.7, 0.5] if mode == "infer" else [0.4, 0.25]
 model = build_segmentor(ViTBackbone(name, img_size=(S, S)), partial(FCNHead), 150, partial(FCNHead), layers,
@@ -48,6 +56,47 @@ def run(dense: bool) -> None:
         opt.zero_grad(set_to_none=True)
 
 
+def idle_report(prof: profile, top: int = 15) -> None:
+    """Sum GPU idle gaps by the dtop function that launched the next kernel."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    xs = [e for e in events if e.get("ph") == "X"]
+    kernels = sorted((e for e in xs if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    launch = {e["args"]["correlation"]: e for e in xs if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    py: dict[int, list] = collections.defaultdict(list)
+    for e in xs:
+        if e.get("cat") == "python_function":
+            py[e["tid"]].append((e["ts"], e["ts"] + e["dur"], e["name"]))
+    for v in py.values():
+        v.sort()
+    starts = {tid: [a for a, _, _ in v] for tid, v in py.items()}
+    charged: collections.Counter = collections.Counter()
+    total = 0.0
+    for prev, nxt in zip(kernels, kernels[1:]):
+        gap = nxt["ts"] - (prev["ts"] + prev["dur"])
+        if gap <= 5:
+            continue
+        total += gap
+        ev = launch.get(nxt.get("args", {}).get("correlation"))
+        label = "no launch record"
+        if ev is not None:
+            label = f"{ev['name']} from a thread without Python (autograd engine)"
+            frames = py.get(ev["tid"], [])
+            i = bisect.bisect_right(starts.get(ev["tid"], []), ev["ts"])
+            enclosing = [name for a, b, name in frames[max(0, i - 400):i] if b >= ev["ts"]]
+            ours = [n for n in enclosing if "dtop" in n and "profile_gpu" not in n]
+            if ours:
+                label = f"{ours[-1]}  ← {enclosing[-1]}"
+            elif enclosing:
+                label = f"outside dtop: {enclosing[-1]}"
+        charged[label] += gap
+    span = kernels[-1]["ts"] + kernels[-1]["dur"] - kernels[0]["ts"]
+    print(f"GPU idle {total / 1e3:.2f} ms of a {span / 1e3:.2f} ms span; charged to the launching dtop function:")
+    for label, us in charged.most_common(top):
+        print(f"  {us / 1e3:8.2f} ms  {label}")
+
+
 for dense in (True, False):
     for _ in range(5):
         run(dense)
@@ -63,7 +112,13 @@ for dense in (True, False):
         for _ in range(3):
             run(dense)
         torch.cuda.synchronize()
+    if gaps:
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], with_stack=True) as traced:
+            run(dense)
+            torch.cuda.synchronize()
     events = prof.key_averages()
     kernel_ms = sum(e.device_time_total for e in events if e.device_type.name == "CUDA") / 1e3 / 3
     print(f"\n=== {mode} {'dense' if dense else 'pruned'} {name} b{B} {S}²: wall {wall:.2f} ms, kernels {kernel_ms:.2f} ms")
     print(events.table(sort_by="device_time_total", row_limit=22, max_name_column_width=70))
+    if gaps:
+        idle_report(traced)

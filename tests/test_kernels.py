@@ -1,0 +1,84 @@
+"""The fused Triton pixel cross-entropy against ``F.cross_entropy``: loss and gradient.
+
+CPU machines run the kernels through Triton's interpreter (a subprocess, since the interpreter is
+chosen when the kernels are defined); CUDA machines run them compiled, in bf16 as in training.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+triton = pytest.importorskip("triton")
+
+CHECK = textwrap.dedent("""
+    import math, sys, torch, torch.nn.functional as F
+    from dtop.kernels.cross_entropy import pixel_cross_entropy_sum
+
+    def check(device, dtype, tol):
+        g = torch.Generator().manual_seed(0)
+        # K=5 (one class block), K=70 (two blocks, the last ragged); 129 pixels: a ragged pixel block
+        for K, weighted in [(5, False), (70, False), (70, True)]:
+            x = (3 * torch.randn(2, K, 3, 43, generator=g)).to(device=device, dtype=dtype).requires_grad_()
+            t = torch.randint(0, K, (2, 3, 43), generator=g)
+            t[0, 0, :7] = 255
+            t = t.to(device)
+            w = (torch.rand(K, generator=g) + 0.5).to(device) if weighted else None
+            loss = pixel_cross_entropy_sum(x, t, w, 255)
+            (loss * 0.5).backward()
+            ref_x = x.detach().float().requires_grad_()
+            ref = F.cross_entropy(ref_x, t, weight=w, ignore_index=255, reduction="sum")
+            (ref * 0.5).backward()
+            assert math.isclose(float(loss), float(ref), rel_tol=tol), (K, float(loss), float(ref))
+            err = (x.grad.float() - ref_x.grad).abs().max()
+            assert err <= tol * ref_x.grad.abs().max(), (K, float(err))
+            assert x.grad.dtype == dtype
+        x = torch.randn(1, 4, 2, 2, device=device, dtype=dtype)
+        t = torch.tensor([[[0, 1], [4, 255]]], device=device)  # 4 is out of range for K = 4
+        assert math.isnan(float(pixel_cross_entropy_sum(x, t)))
+        t = torch.full((1, 2, 2), 255, device=device)
+        assert float(pixel_cross_entropy_sum(x, t)) == 0.0
+
+    check(sys.argv[1], getattr(torch, sys.argv[2]), float(sys.argv[3]))
+    print("ok")
+""")
+
+
+def test_kernels_match_reference_in_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-c", CHECK, "cpu", "float32", "1e-5"], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype,tol", [("float32", "1e-5"), ("bfloat16", "2e-2")])
+def test_kernels_match_reference_on_cuda(dtype, tol):
+    res = subprocess.run([sys.executable, "-c", CHECK, "cuda", dtype, tol], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cross_entropy_takes_the_kernel_on_cuda_under_autocast():
+    from dtop.losses import cross_entropy
+
+    g = torch.Generator().manual_seed(1)
+    low = torch.randn(2, 150, 8, 8, generator=g).cuda().requires_grad_()
+    t = torch.randint(0, 150, (2, 64, 64), generator=g).cuda()
+    t[:, :5] = 255
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        up = F.interpolate(low, size=(64, 64), mode="bilinear").to(torch.bfloat16)
+        loss = cross_entropy(up, t)
+    loss.backward()
+    ref_low = low.detach().clone().requires_grad_()
+    ref_up = F.interpolate(ref_low, size=(64, 64), mode="bilinear").to(torch.bfloat16).float()
+    ref = F.cross_entropy(ref_up, t, ignore_index=255)
+    ref.backward()
+    assert float(loss) == pytest.approx(float(ref), rel=1e-4)
+    assert torch.allclose(low.grad, ref_low.grad, atol=2e-2 * float(ref_low.grad.abs().max()))
