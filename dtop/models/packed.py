@@ -17,12 +17,6 @@ from timm.layers import DropPath
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-try:
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:  # torch < 2.10
-    varlen_attn = None
-
-
 def running_count(flag: Tensor) -> Tensor:
     """[0, cumsum(flag)]: how many flagged positions precede each position (and, last, the total)."""
     return F.pad(flag.long().cumsum(0), (1, 0))
@@ -209,21 +203,41 @@ class TokenStream:
         return t[self.batch, self.rank()]
 
 
+class _FlashVarlen(torch.autograd.Function):
+    """Flash attention over packed segments, with its backward: the ATen flash kernels called directly.
+
+    ``torch.nn.attention.varlen.varlen_attn`` does the same through two Python custom ops, whose
+    dispatch is host time a CPU-bound training step cannot spare.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int) -> Tensor:
+        out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max_len, max_len,
+                                                                            0.0, False, False)
+        ctx.save_for_backward(q, k, v, out, lse, cu, seed, offset)
+        ctx.max_len = max_len
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:
+        q, k, v, out, lse, cu, seed, offset = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(grad.contiguous(), q, k, v, out, lse, cu, cu,
+                                                              ctx.max_len, ctx.max_len, 0.0, False, seed, offset)
+        return dq, dk, dv, None, None
+
+
 def segment_attention(q: Tensor, k: Tensor, v: Tensor, stream: TokenStream, dropout_p: float = 0.0) -> Tensor:
     """Self-attention of [T, H, D] q/k/v within each image segment → [T, H, D].
 
     Equal segments (the dense model) take batched SDPA like timm; unequal ones on CUDA take flash
-    varlen — the ATen op directly when no gradient is needed (the ``varlen_attn`` wrapper costs
-    ~0.2 ms of CPU per call, which dominated batch-1 latency), the autograd-aware wrapper otherwise.
+    varlen — the ATen op directly when no gradient is needed, :class:`_FlashVarlen` otherwise.
     """
     flash = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and dropout_p == 0.0
     if flash and not stream.uniform:
-        cu = stream.cu_seqlens
-        if not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad or v.requires_grad):
-            return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, stream.max_len, stream.max_len,
-                                                           0.0, False, False)[0]
-        if varlen_attn is not None:
-            return varlen_attn(q, k, v, cu, cu, stream.max_len, stream.max_len)
+        cu, n = stream.cu_seqlens, stream.max_len
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return _FlashVarlen.apply(q, k, v, cu, n)
+        return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, n, n, 0.0, False, False)[0]
     if stream.uniform:
         B = q.shape[0] // stream.max_len
         qb, kb, vb = (t.reshape(B, -1, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
