@@ -177,7 +177,9 @@ class SegModule(L.LightningModule):
         param_groups = [{"params": ps, "lr": hp.lr * (hp.head_lr_mult if head else 1.0),
                          "weight_decay": 0.0 if nd else hp.weight_decay} for (head, nd), ps in groups.items()]
         if hp.optimizer == "adamw":
-            opt = torch.optim.AdamW(param_groups, lr=hp.lr, betas=tuple(hp.betas))
+            # the fused CUDA kernel: one launch per step instead of ~10 per tensor group (host-bound steps)
+            on_cuda = all(p.is_cuda for g in param_groups for p in g["params"])
+            opt = torch.optim.AdamW(param_groups, lr=hp.lr, betas=tuple(hp.betas), fused=True if on_cuda else None)
         elif hp.optimizer == "sgd":
             opt = torch.optim.SGD(param_groups, lr=hp.lr, momentum=hp.momentum)
         else:
