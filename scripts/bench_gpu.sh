@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmark table of the README: dense vs pruned, bf16, ViT-B and ViT-L with FCN heads.
-# Usage: [MODES="eager graphs"] [TRAIN=1] bash scripts/bench_gpu.sh OUT_DIR [extra hydra overrides...]
+# Usage: [MODES="eager graphs" (MODES= for training only)] [TRAIN=1] bash scripts/bench_gpu.sh OUT_DIR [extra hydra overrides...]
 set -uo pipefail
 out=${1:-bench_out}; shift || true
 mkdir -p "$out"
@@ -14,7 +14,7 @@ run() {
 }
 b512=(input_size=[512,512] model.backbone.img_size=[512,512] train_step=false)
 big=(input_size=[1024,2048] model.backbone.img_size=[1024,2048] train_step=false iters=10)
-for mode in ${MODES:-eager graphs}; do
+for mode in ${MODES-eager graphs}; do
   g=(); [ $mode = graphs ] && g=(cuda_graphs=true)
   run vitb_512_b1_$mode "${vitb[@]}" "${b512[@]}" "${g[@]}" batch_size=1 iters=100 warmup=20
   run vitl_512_b1_$mode "${vitl[@]}" "${b512[@]}" "${g[@]}" batch_size=1 iters=50 warmup=10

@@ -65,12 +65,26 @@ def idle_report(prof: profile, top: int = 15) -> None:
     kernels = sorted((e for e in xs if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
     launch = {e["args"]["correlation"]: e for e in xs if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
     py: dict[int, list] = collections.defaultdict(list)
+    ops: dict[int, list] = collections.defaultdict(list)
     for e in xs:
-        if e.get("cat") == "python_function":
-            py[e["tid"]].append((e["ts"], e["ts"] + e["dur"], e["name"]))
-    for v in py.values():
+        if e.get("cat") in ("python_function", "cpu_op"):
+            (py if e["cat"] == "python_function" else ops)[e["tid"]].append((e["ts"], e["ts"] + e["dur"], e["name"]))
+    for v in (*py.values(), *ops.values()):
         v.sort()
     starts = {tid: [a for a, _, _ in v] for tid, v in py.items()}
+    op_starts = {tid: [a for a, _, _ in v] for tid, v in ops.items()}
+
+    def enclosing(table: dict, index: dict, tid: int, ts: float) -> list[str]:
+        frames = table.get(tid, [])
+        i = bisect.bisect_right(index.get(tid, []), ts)
+        return [name for a, b, name in frames[max(0, i - 400):i] if b >= ts]
+
+    syncs: collections.Counter = collections.Counter()
+    for e in xs:
+        if e.get("cat") == "cuda_runtime" and "Synchronize" in e["name"]:
+            where = [n for n in enclosing(py, starts, e["tid"], e["ts"]) if "dtop" in n and "profile_gpu" not in n]
+            syncs[where[-1] if where else "outside dtop"] += 1
+    print(f"host syncs: {dict(syncs)}")
     charged: collections.Counter = collections.Counter()
     total = 0.0
     for prev, nxt in zip(kernels, kernels[1:]):
@@ -81,18 +95,18 @@ def idle_report(prof: profile, top: int = 15) -> None:
         ev = launch.get(nxt.get("args", {}).get("correlation"))
         label = "no launch record"
         if ev is not None:
-            label = f"{ev['name']} from a thread without Python (autograd engine)"
-            frames = py.get(ev["tid"], [])
-            i = bisect.bisect_right(starts.get(ev["tid"], []), ev["ts"])
-            enclosing = [name for a, b, name in frames[max(0, i - 400):i] if b >= ev["ts"]]
-            ours = [n for n in enclosing if "dtop" in n and "profile_gpu" not in n]
+            frames = enclosing(py, starts, ev["tid"], ev["ts"])
+            ours = [n for n in frames if "dtop" in n and "profile_gpu" not in n]
             if ours:
-                label = f"{ours[-1]}  ← {enclosing[-1]}"
-            elif enclosing:
-                label = f"outside dtop: {enclosing[-1]}"
+                label = f"{ours[-1]}  ← {frames[-1]}"
+            elif frames:
+                label = f"outside dtop: {frames[-1]}"
+            else:
+                names = enclosing(ops, op_starts, ev["tid"], ev["ts"])
+                label = f"no Python (autograd engine): {' ← '.join(names[:1] + names[-1:])}"
         charged[label] += gap
     span = kernels[-1]["ts"] + kernels[-1]["dur"] - kernels[0]["ts"]
-    print(f"GPU idle {total / 1e3:.2f} ms of a {span / 1e3:.2f} ms span; charged to the launching dtop function:")
+    print(f"{len(kernels)} kernels; GPU idle {total / 1e3:.2f} ms of a {span / 1e3:.2f} ms span, charged to the launching function:")
     for label, us in charged.most_common(top):
         print(f"  {us / 1e3:8.2f} ms  {label}")
 

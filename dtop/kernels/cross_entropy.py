@@ -22,7 +22,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-BLOCK_P = 64  # pixels per program: 64 × 4-byte fp32 tiles keep loads 256-byte aligned
+# (pixels, classes) per tile and warps, the fastest of a sweep on an H100 for 150 classes at 512², bf16:
+# forward 0.32 ms (one read of the map: 0.19 ms at full bandwidth), backward 0.45 ms (ideal 0.38 ms)
+FORWARD = (512, 32, 4)
+BACKWARD = (128, 32, 4)
 
 
 @triton.jit
@@ -81,39 +84,41 @@ def _ce_backward(x_ptr, t_ptr, w_ptr, lse_ptr, g_ptr, dx_ptr, K, P, stride_b, st
         tl.store(dx_ptr + dbase[None, :] + k[:, None].to(tl.int64) * P, grad.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _layout(logits: Tensor) -> tuple[Tensor, int, int, int, int]:
-    """(logits as [B, K, P] with unit pixel stride, B, K, P, BLOCK_K)."""
-    B, K = logits.shape[:2]
-    x = logits.reshape(B, K, -1)
-    if x.stride(2) != 1:
-        x = x.contiguous()
-    return x, B, K, x.shape[2], min(triton.next_power_of_2(K), 64)
+def _layout(logits: Tensor) -> Tensor:
+    """The logits as [B, K, P] with unit pixel stride."""
+    x = logits.reshape(*logits.shape[:2], -1)
+    return x if x.stride(2) == 1 else x.contiguous()
+
+
+def _launch(kernel: triton.JITFunction, config: tuple[int, int, int], B: int, K: int, P: int, *args, **meta) -> None:
+    block_p, block_k, warps = config
+    kernel[(triton.cdiv(P, block_p), B)](*args, BLOCK_K=min(triton.next_power_of_2(K), block_k), BLOCK_P=block_p,
+                                          num_warps=warps, **meta)
 
 
 class _PixelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> Tensor:
-        x, B, K, P, block_k = _layout(logits)
+        x = _layout(logits)
+        B, K, P = x.shape
         t = target.reshape(B, P).contiguous()
         lse = torch.empty(B, P, dtype=torch.float32, device=x.device)
-        grid = (triton.cdiv(P, BLOCK_P), B)
-        part = torch.empty(B * grid[0], dtype=torch.float32, device=x.device)
+        part = torch.empty(B * triton.cdiv(P, FORWARD[0]), dtype=torch.float32, device=x.device)
         w = weight.float().contiguous() if weight is not None else lse  # any pointer when unused
-        _ce_forward[grid](x, t, w, lse, part, K, P, x.stride(0), x.stride(1), ignore_index,
-                          HAS_WEIGHT=weight is not None, BLOCK_K=block_k, BLOCK_P=BLOCK_P)
+        _launch(_ce_forward, FORWARD, B, K, P, x, t, w, lse, part, K, P, x.stride(0), x.stride(1), ignore_index,
+                HAS_WEIGHT=weight is not None)
         ctx.save_for_backward(x, t, w, lse)
-        ctx.meta = (logits.shape, weight is not None, ignore_index, block_k)
+        ctx.meta = (logits.shape, weight is not None, ignore_index)
         return part.sum()
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
         x, t, w, lse = ctx.saved_tensors
-        shape, has_weight, ignore_index, block_k = ctx.meta
+        shape, has_weight, ignore_index = ctx.meta
         B, K, P = x.shape
         dx = torch.empty(B, K, P, dtype=x.dtype, device=x.device)
-        grid = (triton.cdiv(P, BLOCK_P), B)
-        _ce_backward[grid](x, t, w, lse, grad.float().contiguous(), dx, K, P, x.stride(0), x.stride(1), ignore_index,
-                           HAS_WEIGHT=has_weight, BLOCK_K=block_k, BLOCK_P=BLOCK_P)
+        _launch(_ce_backward, BACKWARD, B, K, P, x, t, w, lse, grad.float().contiguous(), dx, K, P, x.stride(0),
+                x.stride(1), ignore_index, HAS_WEIGHT=has_weight)
         return dx.view(shape), None, None, None
 
 

@@ -157,12 +157,16 @@ class TokenStream:
     def select(self, keep: Tensor, extra: Extra | None = None) -> TokenStream:
         """Keep the tokens where ``keep`` is true, plus the kept ``extra`` tokens (one host sync).
 
+        Features are gathered with ``index_select``: its backward is one ``index_add`` where
+        ``x[idx]``'s sorts the indices first (several more kernels per stage in training).
+
         The result holds the real images only (a phantom image is dropped).
         """
         (x, batch, pos), order, cu, stats = self.plan(keep, extra)
         n_keep, max_len, min_len, n_special = stats.tolist()
         idx = order[:n_keep]
-        return TokenStream(x[idx], batch[idx], pos[idx], cu, max_len, self.num_images, n_special, max_len == min_len)
+        return TokenStream(x.index_select(0, idx), batch[idx], pos[idx], cu, max_len, self.num_images, n_special,
+                           max_len == min_len)
 
     def patches(self) -> tuple[Tensor, TokenStream]:
         """Indices of the patch tokens and the sub-stream they form (no host sync on CUDA).
@@ -174,7 +178,8 @@ class TokenStream:
             return torch.arange(self.x.shape[0], device=self.x.device), self
         idx, batch, pos, cu = _patch_order(self.batch, self.pos, self.cu_seqlens, self.batch_size, self.phantom)
         if self.phantom:
-            return idx, TokenStream(self.x[idx], batch, pos, cu, self.max_len, self.batch_size, 0, False, True)
+            return idx, TokenStream(self.x.index_select(0, idx), batch, pos, cu, self.max_len, self.batch_size, 0, False,
+                                    True)
         n = self.x.shape[0] - self.num_special
         idx, batch, pos = idx[:n], batch[:n], pos[:n]
         counts = cu[1:] - cu[:-1]
@@ -183,7 +188,7 @@ class TokenStream:
         else:
             max_len, min_len = torch.stack([counts.max(), counts.min()]).tolist()
             uniform = max_len == min_len
-        return idx, TokenStream(self.x[idx], batch, pos, cu, max_len, self.batch_size, 0, uniform)
+        return idx, TokenStream(self.x.index_select(0, idx), batch, pos, cu, max_len, self.batch_size, 0, uniform)
 
     def rank(self) -> Tensor:
         """Each token's index within its segment."""
