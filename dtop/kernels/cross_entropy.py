@@ -12,6 +12,9 @@ class axis, so every load is coalesced. Results equal ``F.cross_entropy(..., red
 float rounding; pixels labelled ``ignore_index`` contribute nothing; a label outside [0, K) that is
 not ``ignore_index`` makes the loss NaN (never a silently wrong number).
 
+The class count is a compile-time constant (one compilation per dataset), which also keeps the
+class loop a plain Python range under Triton's interpreter.
+
 Import this module only where Triton exists; :func:`dtop.losses.cross_entropy` picks it for CUDA maps.
 """
 
@@ -29,7 +32,7 @@ BACKWARD = (128, 32, 4)
 
 
 @triton.jit
-def _ce_forward(x_ptr, t_ptr, w_ptr, lse_ptr, part_ptr, K, P, stride_b, stride_k, ignore_index,
+def _ce_forward(x_ptr, t_ptr, w_ptr, lse_ptr, part_ptr, K: tl.constexpr, P, stride_b, stride_k, ignore_index,
                 HAS_WEIGHT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
     pid_p, b = tl.program_id(0), tl.program_id(1)
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -61,7 +64,7 @@ def _ce_forward(x_ptr, t_ptr, w_ptr, lse_ptr, part_ptr, K, P, stride_b, stride_k
 
 
 @triton.jit
-def _ce_backward(x_ptr, t_ptr, w_ptr, lse_ptr, g_ptr, dx_ptr, K, P, stride_b, stride_k, ignore_index,
+def _ce_backward(x_ptr, t_ptr, w_ptr, lse_ptr, g_ptr, dx_ptr, K: tl.constexpr, P, stride_b, stride_k, ignore_index,
                  HAS_WEIGHT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
     pid_p, b = tl.program_id(0), tl.program_id(1)
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
