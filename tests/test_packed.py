@@ -115,3 +115,22 @@ def test_varlen_flash_gradients_match_per_image_attention():
     (torch.cat(outs) * w).sum().backward()
     for got, ref in ((q.grad, ref_q.grad), (k.grad, ref_k.grad), (v.grad, ref_v.grad)):
         assert (got.float() - ref).abs().max() <= 3e-2 * ref.abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pruned_equal_segments_avoid_sdpa_on_cuda(monkeypatch):
+    """A stream pruning shaped (equal lengths after select) takes flash varlen, never SDPA (cuDNN re-plans per length)."""
+    import torch.nn.functional as F
+
+    from dtop.models.packed import segment_attention
+
+    dense = TokenStream.from_dense(torch.randn(2, 10, 64, device="cuda", dtype=torch.bfloat16), 1)
+    keep = torch.ones(20, dtype=torch.bool, device="cuda")
+    keep[[3, 15]] = False
+    pruned = dense.select(keep)
+    assert pruned.uniform and not pruned.fixed and dense.fixed
+    q, k, v = (torch.randn(18, 2, 32, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    expected = segment_attention(q, k, v, TokenStream.from_dense(torch.zeros(2, 9, 1, device="cuda"), 0))
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: pytest.fail("SDPA on a pruned stream"))
+    got = segment_attention(q, k, v, pruned)
+    assert torch.allclose(got.float(), expected.float(), atol=2e-2)

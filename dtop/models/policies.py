@@ -108,7 +108,7 @@ class RunState:
         B, N = self.batch_size, self.num_patches
         dev = x.device
         return TokenStream(x, torch.arange(B, device=dev).repeat_interleave(N), torch.arange(N, device=dev).repeat(B),
-                           torch.arange(B + 1, device=dev, dtype=torch.int32) * N, N, B, 0, True, self.phantom)
+                           torch.arange(B + 1, device=dev, dtype=torch.int32) * N, N, B, 0, True, self.phantom, True)
 
 
 def _thresholds(threshold: float | Sequence[float]) -> tuple[float, ...]:

@@ -113,6 +113,7 @@ class SegmenterHead(SegHead):
             batch_size=B,
             num_special=stream.num_special + B * K,
             uniform=stream.uniform,
+            fixed=stream.fixed,
         )
         return joint, tok_idx, cls_idx
 
