@@ -239,7 +239,7 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, stream: TokenStream, drop
     The dense model's equal segments take batched SDPA like timm. On CUDA every other stream takes
     flash varlen — the ATen op directly when no gradient is needed, :class:`_FlashVarlen` otherwise —
     equal segments too when pruning shaped them: SDPA's cuDNN backend builds a new plan for every new
-    sequence length (43–66 ms per call, 130–160 ms with backward, measured on an H100), and a pruned
+    sequence length (43–66 ms per call, 116–160 ms with backward, measured on an H100), and a pruned
     length is new almost every batch.
     """
     flash = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and dropout_p == 0.0
