@@ -27,7 +27,7 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = 255,
     """Pixel CE over the labelled pixels of [B, K, H, W] logits (zero, not NaN, when none are labelled).
 
     Summed, then divided by the labelled pixels' (class-weighted) count: no host sync. CUDA maps take
-    the fused Triton kernels (same value, ~3× less memory traffic, no fp32 copy of the map).
+    the fused Triton kernels (same value, a fraction of the memory traffic, no fp32 copy of the map).
     """
     fused = _fused_kernel() if logits.is_cuda and logits.dim() > 2 else None
     if fused is not None:

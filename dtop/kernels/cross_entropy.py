@@ -5,7 +5,8 @@ fp32, channel-strided log-softmax, NLL, then the same passes backwards) moves ~1
 ~40 % of a ViT-B training step on an H100, a cost that token pruning cannot touch. Here the forward
 reads the logits once (online log-sum-exp over the classes, fp32 accumulation) and keeps only the
 per-pixel log-sum-exp; the backward reads them once more and writes the gradient in the logits'
-dtype: ~3× less traffic and no fp32 copy of the map.
+dtype, with no fp32 copy of the map (upsampling included, 7.1 → 1.6 ms fwd+bwd and 3.7 → 1.3 GiB
+peak at batch 8 on an H100: ``scripts/bench_loss.py``).
 
 The kernels read NCHW directly: a program owns a run of contiguous pixels of one image and walks the
 class axis, so every load is coalesced. Results equal ``F.cross_entropy(..., reduction="sum")`` up to

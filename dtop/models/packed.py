@@ -17,6 +17,7 @@ from timm.layers import DropPath
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+
 def running_count(flag: Tensor) -> Tensor:
     """[0, cumsum(flag)]: how many flagged positions precede each position (and, last, the total)."""
     return F.pad(flag.long().cumsum(0), (1, 0))
@@ -158,8 +159,8 @@ class TokenStream:
     def select(self, keep: Tensor, extra: Extra | None = None) -> TokenStream:
         """Keep the tokens where ``keep`` is true, plus the kept ``extra`` tokens (one host sync).
 
-        Features are gathered with ``index_select``: its backward is one ``index_add`` where
-        ``x[idx]``'s sorts the indices first (several more kernels per stage in training).
+        Features are gathered with ``index_select``, whose backward is one ``index_add``; the backward
+        of ``x[idx]`` (an accumulating ``index_put``) sorts the indices first.
 
         The result holds the real images only (a phantom image is dropped).
         """
