@@ -79,10 +79,13 @@ def idle_report(prof: profile, top: int = 15) -> None:
         i = bisect.bisect_right(index.get(tid, []), ts)
         return [name for a, b, name in frames[max(0, i - 400):i] if b >= ts]
 
+    def ours(frames: list[str]) -> list[str]:
+        return [n for n in frames if "dtop" in n and "profile_gpu" not in n]
+
     syncs: collections.Counter = collections.Counter()
     for e in xs:
         if e.get("cat") == "cuda_runtime" and "Synchronize" in e["name"]:
-            where = [n for n in enclosing(py, starts, e["tid"], e["ts"]) if "dtop" in n and "profile_gpu" not in n]
+            where = ours(enclosing(py, starts, e["tid"], e["ts"]))
             syncs[where[-1] if where else "outside dtop"] += 1
     print(f"host syncs: {dict(syncs)}")
     charged: collections.Counter = collections.Counter()
@@ -96,9 +99,9 @@ def idle_report(prof: profile, top: int = 15) -> None:
         label = "no launch record"
         if ev is not None:
             frames = enclosing(py, starts, ev["tid"], ev["ts"])
-            ours = [n for n in frames if "dtop" in n and "profile_gpu" not in n]
-            if ours:
-                label = f"{ours[-1]}  ← {frames[-1]}"
+            mine = ours(frames)
+            if mine:
+                label = f"{mine[-1]}  ← {frames[-1]}"
             elif frames:
                 label = f"outside dtop: {frames[-1]}"
             else:

@@ -23,7 +23,7 @@ CHECK = textwrap.dedent("""
 
     def check(device, dtype, tol):
         g = torch.Generator().manual_seed(0)
-        # K=5 (one class block), K=70 (two blocks, the last ragged); 129 pixels: a ragged pixel block
+        # K=5 (one class block), K=70 (several class blocks, the last ragged); 129 pixels: a ragged pixel block
         for K, weighted in [(5, False), (70, False), (70, True)]:
             x = (3 * torch.randn(2, K, 3, 43, generator=g)).to(device=device, dtype=dtype).requires_grad_()
             t = torch.randint(0, K, (2, 3, 43), generator=g)

@@ -211,6 +211,11 @@ class TokenStream:
         return t[self.batch, self.rank()]
 
 
+def _flash_forward(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int) -> tuple[Tensor, ...]:
+    """ATen flash varlen forward, non-causal, no dropout: (out, lse, philox seed, philox offset, debug mask)."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max_len, max_len, 0.0, False, False)
+
+
 class _FlashVarlen(torch.autograd.Function):
     """Flash attention over packed segments, with its backward: the ATen flash kernels called directly.
 
@@ -220,8 +225,7 @@ class _FlashVarlen(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int) -> Tensor:
-        out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max_len, max_len,
-                                                                            0.0, False, False)
+        out, lse, seed, offset, _ = _flash_forward(q, k, v, cu, max_len)
         ctx.save_for_backward(q, k, v, out, lse, cu, seed, offset)
         ctx.max_len = max_len
         return out
@@ -248,7 +252,7 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, stream: TokenStream, drop
         cu, n = stream.cu_seqlens, stream.max_len
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return _FlashVarlen.apply(q, k, v, cu, n)
-        return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, n, n, 0.0, False, False)[0]
+        return _flash_forward(q, k, v, cu, n)[0]
     if stream.uniform:
         B = q.shape[0] // stream.max_len
         qb, kb, vb = (t.reshape(B, -1, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
