@@ -3,38 +3,51 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Callable
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dtop.models.resize import resize_bilinear
+from dtop.models.resize import Upsampled
 
 
 @lru_cache(maxsize=1)
-def _fused_kernel() -> Callable[..., Tensor] | None:
-    """The Triton pixel CE (:mod:`dtop.kernels.cross_entropy`), or None where Triton is missing."""
+def _fused_kernels() -> ModuleType | None:
+    """:mod:`dtop.kernels.cross_entropy` (Triton pixel CE), or None where Triton is missing."""
     try:
-        from dtop.kernels.cross_entropy import pixel_cross_entropy_sum
+        from dtop.kernels import cross_entropy as kernels
     except ImportError:
         return None
-    return pixel_cross_entropy_sum
+    return kernels
 
 
-def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = 255,
+def _cross_entropy_sum(logits: Tensor | Upsampled, target: Tensor, ignore_index: int,
+                       class_weight: Tensor | None) -> Tensor:
+    kernels = _fused_kernels() if logits.is_cuda and len(logits.shape) > 2 else None
+    if isinstance(logits, Upsampled):
+        if (kernels is not None and logits.cols is not None
+                and logits.low.shape[-1] <= kernels.MAX_SOURCE_WIDTH):
+            return kernels.upsampled_cross_entropy_sum(logits.row_resized(), logits.cols, target, class_weight,
+                                                       ignore_index)
+        logits = logits.dense()
+    if kernels is not None:
+        return kernels.pixel_cross_entropy_sum(logits, target, class_weight, ignore_index)
+    return F.cross_entropy(logits.float(), target, weight=class_weight, ignore_index=ignore_index, reduction="sum")
+
+
+def cross_entropy(logits: Tensor | Upsampled, target: Tensor, ignore_index: int = 255,
                   class_weight: Tensor | None = None) -> Tensor:
     """Pixel CE over the labelled pixels of [B, K, H, W] logits (zero, not NaN, when none are labelled).
 
     Summed, then divided by the labelled pixels' (class-weighted) count: no host sync. CUDA maps take
-    the fused Triton kernels (same value, a fraction of the memory traffic, no fp32 copy of the map).
+    the fused Triton kernels (same value, a fraction of the memory traffic, no fp32 copy of the map);
+    a factored :class:`~dtop.models.resize.Upsampled` map is interpolated inside them, never formed.
     """
-    fused = _fused_kernel() if logits.is_cuda and logits.dim() > 2 else None
-    if fused is not None:
-        total = fused(logits, target, class_weight, ignore_index)
-    else:
-        total = F.cross_entropy(logits.float(), target, weight=class_weight, ignore_index=ignore_index,
-                                reduction="sum")
+    if tuple(target.shape) != (logits.shape[0], *logits.shape[2:]):
+        raise ValueError(f"Labels of shape {tuple(target.shape)} do not match logits {tuple(logits.shape)} "
+                         "([B, K, H, W] logits need [B, H, W] labels).")
+    total = _cross_entropy_sum(logits, target, ignore_index, class_weight)
     valid = target != ignore_index
     if class_weight is None:
         denom = valid.sum()
@@ -58,12 +71,6 @@ def kl_distillation(student_logits: Tensor, teacher_logits: Tensor, target: Tens
 def feature_mse(student: Tensor, teacher: Tensor) -> Tensor:
     """MSE between last-layer token features (DoViT's optional feature distillation)."""
     return F.mse_loss(student.float(), teacher.float())
-
-
-def resize_to(logits: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear resize of logit maps (matmul form: a fast backward)."""
-    return resize_bilinear(logits, size)
-
 
 
 def sigmoid_focal_loss(logits: Tensor, target: Tensor, valid: Tensor | None = None, alpha: float = 0.25,

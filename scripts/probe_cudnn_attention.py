@@ -70,3 +70,65 @@ for fn in (flash_varlen, cudnn_varlen):
         print(f"{fn.__name__:13s} 8 segments: median {statistics.median(times[1:]):6.2f} ms, max error {err:.2g}")
     except RuntimeError as err:
         print(f"{fn.__name__:13s} failed: {str(err)[:200]}")
+
+
+def replay_us(fn, args, reps: int = 20) -> float:
+    """µs per call of ``fn(*args)`` captured once in a CUDA graph (host-side planning happens at capture)."""
+    fn(*args)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn(*args)
+    graph.replay()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    graph.replay()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) * 1e3 / reps
+
+
+# Inside CUDA graphs (how cuda_graphs=true inference runs) the per-call planning is paid once, at capture.
+for heads, lengths in ((12, [int(x) for x in torch.randint(500, 1025, (8,), generator=g)] + [200]),
+                       (16, [int(x) for x in torch.randint(500, 1025, (8,), generator=g)] + [200]),
+                       (16, [5400, 150]), (16, [5400, 5100, 300])):
+    H = heads
+    q, k, v, cu, m = packed(lengths)
+    row = []
+    for fn in (flash_varlen, cudnn_varlen):
+        try:
+            err = float((fn(q, k, v, cu, m).float() - flash_varlen(q, k, v, cu, m).float()).abs().max())
+            row.append(f"{fn.__name__} {replay_us(fn, (q, k, v, cu, m)):8.1f} µs (vs flash {err:.1g})")
+        except RuntimeError as err:
+            row.append(f"{fn.__name__} failed: {str(err)[:120]}")
+    n = sum(lengths)
+    qd, kd, vd = (t.transpose(0, 1)[None] for t in (q, k, v))
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
+        with sdpa_kernel(backend):
+            row.append(f"dense {backend.name[:5]} over all {n} {replay_us(F.scaled_dot_product_attention, (qd, kd, vd)):8.1f} µs")
+    print(f"graph replay, {H} heads, segments {lengths}: " + "; ".join(row))
+
+
+# One image plus its phantom tail (batch-1 graphs): cuDNN over the whole bucket with the tail's keys masked.
+for heads, n, tb in ((12, 700, 768), (16, 700, 768), (16, 5400, 5568)):
+    H = heads
+    q, k, v, cu, m = packed([n, tb - n])
+    ref = flash_varlen(q, k, v, cu, m)[:n].float()
+    qd, kd, vd = (t.transpose(0, 1)[None] for t in (q, k, v))
+    keys = torch.arange(tb, device="cuda") < n
+    masks = {"bool [1,1,1,T]": keys[None, None, None, :],
+             "bias [1,1,T,T] stride-0 rows": torch.zeros(tb, device="cuda", dtype=torch.bfloat16)
+             .masked_fill(~keys, float("-inf"))[None, None, None, :].expand(1, 1, tb, tb)}
+    row = [f"flash varlen {replay_us(flash_varlen, (q, k, v, cu, m)):7.1f} µs"]
+    for name, mask in masks.items():
+        def masked(q, k, v, mask=mask):
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        try:
+            err = float((masked(qd, kd, vd)[0].transpose(0, 1)[:n].float() - ref).abs().max())
+            row.append(f"cuDNN {name} {replay_us(masked, (qd, kd, vd)):7.1f} µs (err {err:.1g})")
+        except RuntimeError as e:
+            row.append(f"cuDNN {name} failed: {str(e).splitlines()[0][:100]}")
+    print(f"graph replay, {H} heads, {n} real + {tb - n} phantom tokens: " + "; ".join(row))

@@ -49,7 +49,7 @@ def run(dense: bool) -> None:
         else:
             out = model(x)
         if mode == "train":
-            loss = sum(cross_entropy(model.upsample(m, out), y) for m in [out.logits, *out.stage_logits])
+            loss = sum(cross_entropy(model.upsampled(m, out), y) for m in [out.logits, *out.stage_logits])
     if mode == "train":
         loss.backward()
         opt.step()

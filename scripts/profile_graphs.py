@@ -113,6 +113,18 @@ for B in batches:
     print(f"kernels per pruned run: {sum(v[0] for v in k.values()) / 4:.0f}, kernel time {total / 1e3:.3f} ms")
     for nm, (c, t) in sorted(k.items(), key=lambda kv: -kv[1][1])[:45]:
         print(f"{c / 4:6.1f} {t / 4:9.1f} µs  {nm}")
+    spans = sorted((e.time_range.start, e.time_range.end, e.name[:60]) for e in prof.events()
+                   if e.device_type.name == "CUDA")
+    gaps = [(b[0] - a[1], a[2], b[2]) for a, b in zip(spans, spans[1:])]
+    idle = sum(g for g, _, _ in gaps if g < 1000) / 4  # the 4 runs' own gaps, not the host time between runs
+    print(f"GPU idle between kernels per pruned run: {idle:.1f} µs; gaps of 10 µs or more (per run):")
+    big = collections.defaultdict(lambda: [0, 0.0])
+    for g, a, b in gaps:
+        if 10 <= g < 1000:
+            big[f"{a} → {b}"][0] += 1
+            big[f"{a} → {b}"][1] += g
+    for nm, (c, t) in sorted(big.items(), key=lambda kv: -kv[1][1])[:8]:
+        print(f"{c / 4:6.1f} {t / 4:9.1f} µs  {nm}")
     eager = StageGraphs(64, capture=False)
     for i in range(3):
         run(i, False, eager.run)

@@ -268,3 +268,29 @@ def test_canvas_layout_resize_and_cross_entropy_match_torch():
         torch.testing.assert_close(cross_entropy(up, target, 255, w), F.cross_entropy(ref, target, weight=w, ignore_index=255))
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     assert cross_entropy(up, torch.full_like(target, 255)).item() == 0.0
+
+
+def test_factored_upsampling_crops_padding_and_feeds_the_loss_like_the_full_map():
+    """``upsampled`` (token grid → padded input → crop → label size) equals F.interpolate's chain, and CE
+    on the factored map equals CE on the materialised one (the CPU falls back to materialising)."""
+    from dtop.losses import cross_entropy
+    from dtop.models.resize import Upsampled
+
+    model = make_model(img_size=(48, 64))
+    images = torch.randn(2, 3, 40, 60)  # padded to 48×64 on the patch grid
+    out = model(images)
+    for size in (None, (20, 33)):
+        fac = model.upsampled(out.logits, out, size)
+        assert isinstance(fac, Upsampled)
+        ref = F.interpolate(out.logits, out.padded_size, mode="bilinear", align_corners=False)[..., :40, :60]
+        if size is not None:
+            ref = F.interpolate(ref, size, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(fac.dense(), ref, rtol=1e-5, atol=1e-5)
+        assert fac.shape == tuple(ref.shape)
+        target = torch.randint(0, K, (2, *ref.shape[-2:]))
+        target[0, :3] = 255
+        got = torch.autograd.grad(cross_entropy(fac, target), out.logits, retain_graph=True)[0]
+        want = torch.autograd.grad(F.cross_entropy(ref, target, ignore_index=255), out.logits, retain_graph=True)[0]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="do not match"):
+        cross_entropy(model.upsampled(out.logits, out), torch.zeros(2, 41, 60, dtype=torch.long))

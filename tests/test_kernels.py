@@ -1,4 +1,4 @@
-"""The fused Triton pixel cross-entropy against ``F.cross_entropy``: loss and gradient.
+"""The fused Triton pixel cross-entropy (plain and upsampling) against ``F.cross_entropy``: loss and gradient.
 
 CPU machines run the kernels through Triton's interpreter (a subprocess, since the interpreter is
 chosen when the kernels are defined); CUDA machines run them compiled, in bf16 as in training.
@@ -45,7 +45,39 @@ CHECK = textwrap.dedent("""
         t = torch.full((1, 2, 2), 255, device=device)
         assert float(pixel_cross_entropy_sum(x, t)) == 0.0
 
+    def check_upsampled(device, dtype, tol):
+        from dtop.kernels.cross_entropy import upsampled_cross_entropy_sum
+        from dtop.models.resize import resize_operator
+
+        g = torch.Generator().manual_seed(0)
+        dev = torch.device(device)
+        # source width 7 (padded to a 16-wide tile) and 20 (32); 150 columns: two pixel blocks, the last ragged
+        for K, (h, w), (H, W), weighted in [(5, (3, 7), (21, 40), False), (70, (4, 20), (9, 150), False),
+                                            (70, (4, 20), (9, 150), True)]:
+            low = (3 * torch.randn(2, K, h, w, generator=g)).to(device=device, dtype=dtype).requires_grad_()
+            rows = resize_operator(h, H, H, None, dev)
+            cols = resize_operator(w, W + 8, W, None, dev)  # resized to a padded width, then cropped
+            t = torch.randint(0, K, (2, H, W), generator=g)
+            t[0, 0, :7] = 255
+            t = t.to(device)
+            wt = (torch.rand(K, generator=g) + 0.5).to(device) if weighted else None
+            loss = upsampled_cross_entropy_sum(torch.matmul(rows.to(dtype), low), cols, t, wt, 255)
+            (loss * 0.5).backward()
+            ref_low = low.detach().float().requires_grad_()
+            ref = F.cross_entropy(rows @ ref_low @ cols.T, t, weight=wt, ignore_index=255, reduction="sum")
+            (ref * 0.5).backward()
+            assert math.isclose(float(loss), float(ref), rel_tol=tol), (K, float(loss), float(ref))
+            err = (low.grad.float() - ref_low.grad).abs().max()
+            assert err <= tol * ref_low.grad.abs().max(), (K, float(err))
+        a = torch.randn(1, 4, 2, 16, device=device, dtype=dtype)
+        cols = resize_operator(16, 32, 32, None, dev)
+        t = torch.randint(0, 4, (1, 2, 32), device=device)
+        t[0, 1, 3] = 4  # out of range for K = 4
+        assert math.isnan(float(upsampled_cross_entropy_sum(a, cols, t)))
+        assert float(upsampled_cross_entropy_sum(a, cols, torch.full_like(t, 255))) == 0.0
+
     check(sys.argv[1], getattr(torch, sys.argv[2]), float(sys.argv[3]))
+    check_upsampled(sys.argv[1], getattr(torch, sys.argv[2]), float(sys.argv[3]))
     print("ok")
 """)
 
@@ -62,6 +94,34 @@ def test_kernels_match_reference_in_interpreter():
 def test_kernels_match_reference_on_cuda(dtype, tol):
     res = subprocess.run([sys.executable, "-c", CHECK, "cuda", dtype, tol], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_factored_map_takes_the_upsampling_kernel_on_cuda_under_autocast():
+    from dtop.kernels import cross_entropy as kernels
+    from dtop.losses import cross_entropy
+    from dtop.models.resize import Upsampled, resize_operator
+
+    g = torch.Generator().manual_seed(2)
+    low = torch.randn(2, 150, 32, 32, generator=g).cuda().requires_grad_()
+    t = torch.randint(0, 150, (2, 512, 512), generator=g).cuda()
+    t[:, :5] = 255
+    op = resize_operator(32, 512, 512, None, low.device)
+    calls = []
+    fused = kernels.upsampled_cross_entropy_sum
+    kernels.upsampled_cross_entropy_sum = lambda *a, **k: calls.append(1) or fused(*a, **k)
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = cross_entropy(Upsampled(low, op, op), t)
+    finally:
+        kernels.upsampled_cross_entropy_sum = fused
+    loss.backward()
+    ref_low = low.detach().clone().requires_grad_()
+    ref = F.cross_entropy(F.interpolate(ref_low, size=(512, 512), mode="bilinear"), t, ignore_index=255)
+    ref.backward()
+    assert calls == [1]
+    assert float(loss) == pytest.approx(float(ref), rel=1e-3)
+    assert torch.allclose(low.grad, ref_low.grad, atol=2e-2 * float(ref_low.grad.abs().max()))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -191,7 +191,7 @@ def _bench_train(cfg: DictConfig, model: Segmentor, inputs: Inputs, autocast: An
         images, labels = inputs(i)
         with autocast, (model.dense_mode() if dense else nullcontext()):
             out = model(images)
-            loss = sum(cross_entropy(model.upsample(m, out), labels) for m in [out.logits, *out.stage_logits])
+            loss = sum(cross_entropy(model.upsampled(m, out), labels) for m in [out.logits, *out.stage_logits])
         if len(macs[dense]) < 8:
             macs[dense].append(float(out.stats["macs"].mean()))
         loss.backward()

@@ -11,8 +11,9 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from dtop.inference import resize_logits, slide_inference
 from dtop.lit.distributed import eval_loader_sampler, gather_eval_rows, gather_eval_visuals
-from dtop.losses import feature_mse, kl_distillation, resize_to
+from dtop.losses import feature_mse, kl_distillation
 from dtop.metrics import SegMetrics, format_metrics
 from dtop.models.engine import SegOutput, Segmentor
 
@@ -130,10 +131,10 @@ class SegModule(L.LightningModule):
         hp = self.hparams
         size = tuple(target.shape[-2:])
         head = self.model.decode_head
-        terms = {f"decode/{k}": v for k, v in head.loss(resize_to(self.model.upsample(out.logits, out), size),
+        terms = {f"decode/{k}": v for k, v in head.loss(self.model.upsampled(out.logits, out, size),
                                                          out.presence, target, hp.ignore_index).items()}
         for i, (logits, presence) in enumerate(zip(out.stage_logits, out.stage_presence)):
-            aux_terms = self.model.aux_heads[i].loss(resize_to(self.model.upsample(logits, out), size), presence,
+            aux_terms = self.model.aux_heads[i].loss(self.model.upsampled(logits, out, size), presence,
                                                      target, hp.ignore_index)
             terms.update({f"aux{i}/{k}": hp.aux_weight * v for k, v in aux_terms.items()})
         if self._teacher:
@@ -142,8 +143,8 @@ class SegModule(L.LightningModule):
             with torch.no_grad():
                 t_out = teacher(images)
             if hp.kl_weight > 0:
-                s_up = resize_to(self.model.upsample(out.logits, out), size)
-                t_up = resize_to(teacher.upsample(t_out.logits, t_out), size)
+                s_up = self.model.upsample(out.logits, out, size)
+                t_up = teacher.upsample(t_out.logits, t_out, size)
                 terms["kl"] = hp.kl_weight * kl_distillation(s_up, t_up, target, hp.ignore_index)
             if hp.mse_weight > 0 and out.features is not None and t_out.features is not None:
                 terms["mse"] = hp.mse_weight * feature_mse(out.features, t_out.features)
@@ -214,14 +215,12 @@ class SegModule(L.LightningModule):
 
         if hp.eval_mode == "whole" or hp.crop_size is None:
             scores = forward(images)
-            return resize_to(scores, size), collected[0]
-        from dtop.inference import slide_inference
-
+            return resize_logits(scores, size), collected[0]
         scores = slide_inference(forward, images, self.model.num_classes, tuple(hp.crop_size), tuple(hp.stride))
         keys = ("tokens_per_stage", "exits_per_stage", "exits_per_class", "macs", "macs_linear", "macs_dense",
                 "macs_linear_dense")
         stats = {k: torch.stack([c[k] for c in collected]).sum(0) for k in keys}
-        return resize_to(scores, size), stats
+        return resize_logits(scores, size), stats
 
     def _eval_step(self, batch: dict[str, Any], metrics: SegMetrics) -> None:
         images, target = batch["image"], batch["label"]

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from dtop.models.heads.base import SegHead
 from dtop.models.macs import blocks_macs, patch_embed_macs
-from dtop.models.resize import resize_bilinear
+from dtop.models.resize import Upsampled, resize_operator
 from dtop.models.packed import TokenStream, blocks_forward
 from dtop.models.policies import Decision, DToP, Policy, RunState
 from dtop.models.vit import ViTBackbone
@@ -224,12 +224,17 @@ class Segmentor(nn.Module):
             self._dense_macs[key] = (sum(a for _, a, _ in parts), sum(b for _, _, b in parts))
         return self._dense_macs[key]
 
+    def upsampled(self, logits: Tensor, out: SegOutput, size: tuple[int, int] | None = None) -> Upsampled:
+        """Token-grid logits → the input's pixels (crop the padding), then optionally to ``size``; factored."""
+        h, w = logits.shape[-2:]
+        size = size or out.input_size
+        ops = [resize_operator(int(n), int(p), int(c), int(s), logits.device)
+               for n, p, c, s in zip((h, w), out.padded_size, out.input_size, size)]
+        return Upsampled(logits, *ops)
+
     def upsample(self, logits: Tensor, out: SegOutput, size: tuple[int, int] | None = None) -> Tensor:
-        """Token-grid logits → the input's pixels (crop the padding), then optionally to ``size``."""
-        x = resize_bilinear(logits, out.padded_size)[..., : out.input_size[0], : out.input_size[1]]
-        if size is not None:
-            x = resize_bilinear(x, size)
-        return x
+        """:meth:`upsampled`, materialised: [B, K, H, W]."""
+        return self.upsampled(logits, out, size).dense()
 
     def predict(self, images: Tensor, size: tuple[int, int] | None = None) -> tuple[Tensor, SegOutput]:
         """Per-pixel class scores [B, K, H, W] (at ``size`` or the input size) and the raw output."""

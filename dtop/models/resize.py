@@ -1,4 +1,4 @@
-"""Bilinear resizing as two small matmuls.
+"""Bilinear resizing as two small matmuls, and logit maps kept in that factored form.
 
 Exactly ``F.interpolate(mode="bilinear", align_corners=False)`` (no antialias), but its backward is a
 matmul too: the built-in kernel's backward scatters with atomics, which for 16× upsampling of 150-class
@@ -8,6 +8,7 @@ loss and for prediction.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -32,6 +33,61 @@ def _build(size_in: int, size_out: int) -> Tensor:
     w.index_put_((rows, i0), 1.0 - lam, accumulate=True)
     w.index_put_((rows, i1), lam, accumulate=True)
     return w
+
+
+@lru_cache(maxsize=64)
+def resize_operator(size_in: int, padded: int, crop: int, size_out: int | None, device: torch.device) -> Tensor | None:
+    """[out, size_in] float32 matrix: resize to ``padded``, keep the first ``crop``, resize to ``size_out``.
+
+    None when the whole chain is the identity.
+    """
+    with torch.inference_mode(False):
+        op = _build(size_in, padded)[:crop] if padded != size_in else torch.eye(size_in, dtype=torch.float64)[:crop]
+        if size_out is not None and size_out != crop:
+            op = _build(crop, size_out) @ op
+        if op.shape[0] == op.shape[1] and torch.equal(op, torch.eye(op.shape[0], dtype=op.dtype)):
+            return None
+        return op.to(device=device, dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class Upsampled:
+    """The logit map ``rows @ low @ cols.T`` kept factored: [B, K, h, w] and two interpolation matrices.
+
+    Why: a loss can read the small map and interpolate on the fly (the fused CE kernel) instead of
+    materialising a 150-class full-resolution map three times per training step. ``None`` matrices
+    are the identity; :meth:`dense` gives the map itself.
+    """
+
+    low: Tensor
+    rows: Tensor | None  # [H, h]
+    cols: Tensor | None  # [W, w]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        B, K, h, w = self.low.shape
+        return (B, K, h if self.rows is None else self.rows.shape[0], w if self.cols is None else self.cols.shape[0])
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.low.is_cuda
+
+    def row_resized(self) -> Tensor:
+        """``rows @ low``: [B, K, H, w], float32 at least (or the autocast dtype)."""
+        x = self.low.to(torch.promote_types(self.low.dtype, torch.float32))
+        return x if self.rows is None else torch.matmul(self.rows.to(x.dtype), x)
+
+    def dense(self) -> Tensor:
+        """The full map [B, K, H, W]."""
+        if self.rows is None and self.cols is None:
+            return self.low
+        x = self.row_resized()
+        return x if self.cols is None else torch.matmul(x, self.cols.to(x.dtype).T)
+
+
+def dense(logits: Tensor | Upsampled) -> Tensor:
+    """A logit map as a tensor, materialising a factored one."""
+    return logits.dense() if isinstance(logits, Upsampled) else logits
 
 
 def resize_bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:

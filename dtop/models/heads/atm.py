@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from dtop.losses import dice_loss, presence_loss, sigmoid_focal_loss
 from dtop.models.heads.base import HeadOutput, SegHead
 from dtop.models.packed import TokenStream
+from dtop.models.resize import Upsampled, dense
 
 
 class ATMDecoderLayer(nn.Module):
@@ -172,7 +173,7 @@ class ATMHead(SegHead):
             return probs
         return probs * presence.float().sigmoid()[:, :, None, None]
 
-    def loss(self, logits: Tensor, presence: Tensor | None, target: Tensor,
+    def loss(self, logits: Tensor | Upsampled, presence: Tensor | None, target: Tensor,
              ignore_index: int = 255, presence_weight: float = 1.0, absent_weight: float = 0.1,
              focal_weight: float = 20.0, dice_weight: float = 1.0) -> dict[str, Tensor]:
         """SegViT/mmseg-style terms with query c ↔ class c fixed (no Hungarian matching).
@@ -185,6 +186,7 @@ class ATMHead(SegHead):
           both terms are summed over the (image, present class) masks and divided by their number
           (DETR's ``num_masks``). Absent classes are supervised only through the presence loss.
         """
+        logits = dense(logits)
         B, K = logits.shape[:2]
         valid = (target != ignore_index).flatten(1)  # [B, P]
         labels = torch.where(valid, target.flatten(1).long(), K)  # K = "unlabelled"

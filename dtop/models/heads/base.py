@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from dtop.losses import cross_entropy
 from dtop.models.packed import TokenStream
+from dtop.models.resize import Upsampled
 
 
 @dataclass
@@ -49,9 +50,9 @@ class SegHead(nn.Module):
         """Per-pixel class scores [B, K, H, W] from an assembled logit map; argmax is the prediction."""
         return logits
 
-    def loss(self, logits: Tensor, presence: Tensor | None, target: Tensor,
+    def loss(self, logits: Tensor | Upsampled, presence: Tensor | None, target: Tensor,
              ignore_index: int = 255) -> dict[str, Tensor]:
-        """Training loss terms for an assembled logit map already resized to the label size."""
+        """Training loss terms for an assembled logit map at the label size (or factored to it)."""
         return {"ce": cross_entropy(logits, target, ignore_index)}
 
     def macs(self, n: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
