@@ -1,6 +1,6 @@
 """Where pruned inference or a training step spends its time on a GPU: kernel vs wall time, top ops.
 
-python scripts/profile_gpu.py [vit_base_patch16_224] [batch] [size] [infer|train] [gaps]
+[KEEP=0.55,0.4] python scripts/profile_gpu.py [vit_base_patch16_224] [batch] [size] [infer|train] [gaps]
 
 ``gaps``: also trace one step with Python stacks and charge every idle stretch of the GPU (> 5 µs) to
 the innermost ``dtop`` function that launched the kernel ending it: where the host falls behind.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import collections
 import json
+import os
 import sys
 import tempfile
 from functools import partial
@@ -30,7 +31,8 @@ S = int(sys.argv[3]) if len(sys.argv) > 3 else 512
 mode = sys.argv[4] if len(sys.argv) > 4 else "infer"
 gaps = len(sys.argv) > 5 and sys.argv[5] == "gaps"
 layers = [6, 8] if "base" in name else [8, 16]
-keep = [0.7, 0.5] if mode == "infer" else [0.4, 0.25]
+keep = [float(k) for k in os.environ["KEEP"].split(",")] if "KEEP" in os.environ else (
+    [0.7, 0.5] if mode == "infer" else [0.4, 0.25])
 model = build_segmentor(ViTBackbone(name, img_size=(S, S)), partial(FCNHead), 150, partial(FCNHead), layers,
                         RecordedDecisions([])).cuda()
 model.train(mode == "train")
