@@ -32,6 +32,8 @@ run vitb_512_b32_train "${vitb[@]}" input_size=[512,512] model.backbone.img_size
 # ViT-L: keep 55 % after layer 8, 40 % after 16 (~35 % of the GMACs cut)
 run vitl_512_b8_train "${vitl[@]}" input_size=[512,512] model.backbone.img_size=[512,512] batch_size=8 iters=10 keep=[0.55,0.4] keep_spread=0.1
 run vitl_512_b16_train "${vitl[@]}" input_size=[512,512] model.backbone.img_size=[512,512] batch_size=16 iters=10 keep=[0.55,0.4] keep_spread=0.1
+run vitl_512_b32_train "${vitl[@]}" input_size=[512,512] model.backbone.img_size=[512,512] batch_size=32 iters=8 warmup=3 keep=[0.55,0.4] keep_spread=0.1
+run vitb_512_b64_train "${vitb[@]}" input_size=[512,512] model.backbone.img_size=[512,512] batch_size=64 iters=8 warmup=3 keep=[0.4,0.25] keep_spread=0.1
 }
 python - "$out" <<'PY'
 import json, sys, pathlib

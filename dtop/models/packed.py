@@ -239,7 +239,8 @@ class _FlashVarlen(torch.autograd.Function):
 
 
 # Longest single-image graph stream that takes cuDNN with a key bias rather than flash varlen. H100,
-# bf16, graph replays (scripts/probe_cudnn_attention.py): 768 tokens 16 vs 25 µs; 5568 tokens 534 vs 447 µs.
+# bf16, graph replays (scripts/probe_cudnn_attention.py): 768 tokens 16 vs 25 µs; 5568 tokens 534 vs
+# 447 µs. The crossover between those two points was not measured; 2048 covers 512² inputs.
 CUDNN_BIAS_MAX_TOKENS = 2048
 
 
@@ -252,8 +253,9 @@ def single_image_key_bias(stream: TokenStream) -> Tensor | None:
     """
     x = stream.x
     T = x.shape[0]
-    if not (stream.phantom and stream.batch_size == 2 and not stream.fixed and x.is_cuda
-            and x.dtype in (torch.float16, torch.bfloat16) and T <= CUDNN_BIAS_MAX_TOKENS and not torch.is_grad_enabled()):
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    if not (stream.phantom and stream.batch_size == 2 and not stream.fixed and x.is_cuda and half
+            and T <= CUDNN_BIAS_MAX_TOKENS and not torch.is_grad_enabled()):
         return None
     real = torch.arange(T, device=x.device) < stream.cu_seqlens[1].clamp(min=1)
     bias = torch.zeros(T, device=x.device, dtype=x.dtype).masked_fill(~real, float("-inf"))
