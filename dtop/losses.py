@@ -24,6 +24,7 @@ def _fused_kernels() -> ModuleType | None:
 
 def _cross_entropy_sum(logits: Tensor | Upsampled, target: Tensor, ignore_index: int,
                        class_weight: Tensor | None) -> Tensor:
+    """Σ of the per-pixel CE: Triton kernels on CUDA (a factored map interpolated inside them), else PyTorch."""
     kernels = _fused_kernels() if logits.is_cuda and len(logits.shape) > 2 else None
     if isinstance(logits, Upsampled):
         if (kernels is not None and logits.cols is not None
