@@ -97,7 +97,7 @@ def test_kernels_match_reference_on_cuda(dtype, tol):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_factored_map_takes_the_upsampling_kernel_on_cuda_under_autocast():
+def test_factored_map_takes_the_upsampling_kernel_on_cuda_under_autocast(monkeypatch):
     from dtop.kernels import cross_entropy as kernels
     from dtop.losses import cross_entropy
     from dtop.models.resize import Upsampled, resize_operator
@@ -109,12 +109,9 @@ def test_factored_map_takes_the_upsampling_kernel_on_cuda_under_autocast():
     op = resize_operator(32, 512, 512, None, low.device)
     calls = []
     fused = kernels.upsampled_cross_entropy_sum
-    kernels.upsampled_cross_entropy_sum = lambda *a, **k: calls.append(1) or fused(*a, **k)
-    try:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = cross_entropy(Upsampled(low, op, op), t)
-    finally:
-        kernels.upsampled_cross_entropy_sum = fused
+    monkeypatch.setattr(kernels, "upsampled_cross_entropy_sum", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = cross_entropy(Upsampled(low, op, op), t)
     loss.backward()
     ref_low = low.detach().clone().requires_grad_()
     ref = F.cross_entropy(F.interpolate(ref_low, size=(512, 512), mode="bilinear"), t, ignore_index=255)

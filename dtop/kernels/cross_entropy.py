@@ -38,8 +38,9 @@ from torch import Tensor
 # forward 0.32 ms (one read of the map: 0.19 ms at full bandwidth), backward 0.45 ms (ideal 0.38 ms)
 FORWARD = (512, 32, 4)
 BACKWARD = (128, 32, 4)
-# (pixels of a row, classes) per tile and warps for the upsampling kernels, the fastest of a 27-point sweep
-# on an H100 (32² → 512², 150 classes, bf16): forward 0.46 / 1.54 ms, backward 0.44 / 1.66 ms at batch 8 / 32
+# (pixels of a row, classes) per tile and warps for the upsampling kernels, the fastest of scripts/sweep_ce_tiles.py
+# on an H100 (32² → 512², 150 classes, bf16; two runs): forward 0.46 / 1.51–1.54 ms, backward 0.44–0.53 /
+# 1.66–1.86 ms at batch 8 / 32 (the backward's ranking is noisy: it is timed as fwd+bwd minus fwd)
 UP_FORWARD = (128, 32, 2)
 UP_BACKWARD = (128, 64, 4)
 # widest low-resolution map the upsampling kernels take (one tile holds a whole source row)

@@ -15,13 +15,6 @@ import torch
 from torch import Tensor
 
 
-@lru_cache(maxsize=64)
-def _weights(size_in: int, size_out: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """[size_out, size_in] interpolation matrix with PyTorch's half-pixel source coordinates."""
-    with torch.inference_mode(False):  # cached across eval and training: never an inference tensor
-        return _build(size_in, size_out).to(device=device, dtype=dtype)
-
-
 def _build(size_in: int, size_out: int) -> Tensor:
     scale = size_in / size_out
     src = ((torch.arange(size_out, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0.0)
@@ -92,14 +85,6 @@ def dense(logits: Tensor | Upsampled) -> Tensor:
 
 def resize_bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:
     """Resize [..., h, w] to [..., H, W]; float32 at least (logits feed softmax and argmax)."""
-    H, W = int(size[0]), int(size[1])
-    h, w = x.shape[-2:]
-    if (h, w) == (H, W):
-        return x
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    x = x.to(dtype)
-    if h != H:
-        x = torch.matmul(_weights(h, H, x.device, dtype), x)
-    if w != W:
-        x = torch.matmul(x, _weights(w, W, x.device, dtype).T)
-    return x
+    (h, w), dev = x.shape[-2:], x.device
+    return Upsampled(x, resize_operator(h, int(size[0]), int(size[0]), None, dev),
+                     resize_operator(w, int(size[1]), int(size[1]), None, dev)).dense()
