@@ -100,6 +100,28 @@ for B in batches:
             torch.cuda.synchronize()
             times.append(a.elapsed_time(b))
         print(f"\n=== {name} b{B} {S}² {'dense' if dense else 'pruned'}: median {statistics.median(times):.3f} ms")
+    replay, marks, runs = StageGraphs._replay, [], []
+
+    def timed_replay(self, key, program, ctx):  # events around each group's replay, no profiler
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        out = replay(self, key, program, ctx)
+        b.record()
+        marks.append((a, b))
+        return out
+
+    StageGraphs._replay = timed_replay
+    for i in range(40):
+        marks.clear()
+        run(i, False)
+        torch.cuda.synchronize()
+        runs.append(list(marks))
+    StageGraphs._replay = replay
+    n = len(runs[0])
+    spans = [statistics.median(r[g][0].elapsed_time(r[g][1]) * 1e3 for r in runs) for g in range(n)]
+    waits = [statistics.median(r[g - 1][1].elapsed_time(r[g][0]) * 1e3 for r in runs) for g in range(1, n)]
+    print("group replays (µs, event to event): " + ", ".join(f"{t:.1f}" for t in spans)
+          + "; GPU idle between groups (µs): " + ", ".join(f"{t:.1f}" for t in waits))
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for i in range(4):
             run(i, False)

@@ -192,8 +192,7 @@ def test_stopped_tokens_keep_their_stop_layer_features_bit_identical():
 def _state(B: int, grid: tuple[int, int], has_cls: bool = True) -> RunState:
     N = grid[0] * grid[1]
     return RunState(batch_size=B, grid=grid, num_classes=K, num_stages=2, canvas=torch.zeros(B * N + 1, K),
-                    exit_stage=torch.ones(B * N + 1, dtype=torch.long), macs=torch.zeros(B, dtype=torch.float64),
-                    macs_linear=torch.zeros(B, dtype=torch.float64), tokens=torch.zeros(B, 2, dtype=torch.long),
+                    exit_stage=torch.ones(B * N + 1, dtype=torch.long), lengths=torch.zeros(B, 2, dtype=torch.int32),
                     has_cls=has_cls)
 
 

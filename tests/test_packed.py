@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -67,9 +72,12 @@ def test_select_matches_per_image_reference(phantom, with_extra, seed):
     counts = cu[1:] - cu[:-1]
     assert out.max_len == int(counts.max()) and out.uniform == bool(counts.min() == counts.max())
     assert out.num_special == int((pos < 0).sum())
-    (_, _, _), order, _, stats = stream.plan(keep, extra)
+    _, order, pbatch, ppos, _, stats = stream.plan(keep, extra, num_patches=7)
     assert sorted(order.tolist()) == list(range(order.numel()))  # a permutation of all candidates
     assert stats.tolist() == [x.shape[0], int(counts.max()), int(counts.min()), int((pos < 0).sum())]
+    n = x.shape[0]  # past the kept ones: the phantom image at positions cycling over the grid
+    assert torch.equal(pbatch[:n], batch) and torch.equal(ppos[:n], pos)
+    assert (pbatch[n:] == len(lengths)).all() and ppos[n:].tolist() == [i % 7 for i in range(n, order.numel())]
 
 
 @pytest.mark.parametrize("phantom", [0, 6])
@@ -154,3 +162,47 @@ def test_single_image_key_bias_hides_the_phantom_tail():
         got = segment_attention(q, k, v, stream, key_bias=bias)[:n]
         want = segment_attention(q, k, v, stream)[:n]
     assert (got.float() - want.float()).abs().max() <= 2e-2
+
+
+PARTITION_CHECK = textwrap.dedent("""
+    import sys, torch
+    import dtop.kernels.partition as kernel
+    from dtop.models.packed import partition_reference
+
+    dev = sys.argv[1]
+    g = torch.Generator().manual_seed(0)
+    cases = 0
+    for block in (128, 4096):  # 128: streams of several chunks
+        kernel.MAX_BLOCK = block
+        for T_img in ([3], [1, 0, 5], [40, 1, 0, 77, 300], [129, 128, 2]):
+            for p_keep in (0.0, 0.5, 1.0):
+                for absorb, phantom in ((False, 0), (False, 9), (True, 9)):
+                    lengths = T_img + ([phantom] if phantom else [])
+                    T = sum(lengths)
+                    batch = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+                    pos = torch.randint(-1, 50, (T,), generator=g)
+                    flag = torch.rand(T, generator=g) < p_keep
+                    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+                    n_img = len(T_img) + (phantom > 0 and absorb)
+                    args = (flag, batch, pos, cu)
+                    ref = partition_reference(*args, n_img, len(T_img), 11, absorb)
+                    got = kernel.partition(*(t.to(dev) for t in args), n_img, len(T_img), 11, absorb)
+                    for name, r, o in zip(("order", "batch", "pos", "cu", "stats"), ref, got):
+                        assert r.dtype == o.dtype and torch.equal(r, o.cpu()), (name, T_img, p_keep, absorb, r, o)
+                    cases += 1
+    print("ok", cases)
+""")
+
+
+def test_partition_kernel_matches_reference_in_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-c", PARTITION_CHECK, "cpu"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0 and res.stdout.startswith("ok 72"), res.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_partition_kernel_matches_reference_on_cuda():
+    res = subprocess.run([sys.executable, "-c", PARTITION_CHECK, "cuda"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.startswith("ok 72"), res.stderr[-3000:]

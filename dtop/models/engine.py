@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dtop.models.heads.base import SegHead
-from dtop.models.macs import blocks_macs, patch_embed_macs
+from dtop.models.macs import block_coefficients, blocks_macs, patch_embed_macs
 from dtop.models.resize import Upsampled, resize_operator
 from dtop.models.packed import TokenStream, blocks_forward
 from dtop.models.policies import Decision, DToP, Policy, RunState
@@ -67,6 +67,7 @@ class Segmentor(nn.Module):
         self.policy = policy if policy is not None else DToP(1.0)
         self.graphs: StageGraphs | None = None
         self._dense_macs: dict[tuple[int, int], tuple[float, float]] = {}
+        self._coefficients: dict[torch.device, Tensor] = {}
 
     def enable_cuda_graphs(self, bucket: int = 64) -> None:
         """Replay inference as CUDA graphs, one per run of stages between pruning decisions.
@@ -121,36 +122,62 @@ class Segmentor(nn.Module):
         grid = (Hp // p, Wp // p)
         N = grid[0] * grid[1]
         stream = TokenStream.from_dense(self.backbone.embed(images), self.backbone.num_prefix_tokens, phantom)
-        pe = float(patch_embed_macs(N, p, images.shape[1], self.backbone.embed_dim))
         if state is None:
             dev, nb, S = images.device, stream.batch_size, self.num_stages
             state = RunState(
                 batch_size=nb, grid=grid, num_classes=self.num_classes, num_stages=S,
                 canvas=stream.x.new_zeros(nb * N + 1, self.num_classes, dtype=torch.float32),
                 exit_stage=torch.full((nb * N + 1,), S - 1, dtype=torch.long, device=dev),
-                macs=torch.full((nb,), pe, dtype=torch.float64, device=dev),
-                macs_linear=torch.full((nb,), pe, dtype=torch.float64, device=dev),
-                tokens=torch.zeros(nb, S, dtype=torch.long, device=dev),
+                lengths=torch.zeros(nb, S, dtype=torch.int32, device=dev),
                 has_cls=self.backbone.has_cls_token, keep_stages=keep_stages, phantom=phantom)
         else:
-            state.reset(pe)
+            state.reset()
+        state.embed_macs = float(patch_embed_macs(N, p, images.shape[1], self.backbone.embed_dim))
         return stream, state, ((H, W), (Hp, Wp))
 
     def run_stage(self, stage: int, stream: TokenStream, state: RunState) -> Decision:
         """One stage: its blocks on the packed stream, then the policy's decision (or, last, the decode head)."""
-        starts, ends = [0] + self.prune_layers, self.prune_layers + [self.backbone.depth]
-        lengths = stream.lengths
-        special = torch.zeros(stream.batch_size, dtype=torch.long, device=lengths.device)
-        special.index_add_(0, stream.batch, (stream.pos < 0).long())
-        state.tokens[:, stage] = lengths - special
-        blocks = self.backbone.blocks[starts[stage]:ends[stage]]
-        stream = blocks_forward(blocks, stream)
-        state.add_macs(blocks_macs(blocks, lengths))
+        state.lengths[:, stage] = stream.cu_seqlens.diff()
+        stream = blocks_forward(self.stage_blocks(stage), stream)
         if stage == self.num_stages - 1:
             self.policy.finish(stream, self.decode_head, self.backbone.norm, state)
         elif self.training or self.prunes_after(stage):
             return self.policy.stage_end(stage, len(self.aux_heads), stream, self.aux_heads[stage], state)
         return stream, None, None
+
+    def stage_blocks(self, stage: int) -> nn.ModuleList:
+        starts, ends = [0] + self.prune_layers, self.prune_layers + [self.backbone.depth]
+        return self.backbone.blocks[starts[stage]:ends[stage]]
+
+    def _block_coefficients(self, device: torch.device) -> Tensor:
+        """[S, 2] float64: per stage, the blocks' (linear MACs per token, attention MACs per token pair)."""
+        if device not in self._coefficients:  # built by the eager warm-up, before any graph capture
+            rows = [[float(sum(block_coefficients(b)[i] for b in self.stage_blocks(s))) for i in (0, 1)]
+                    for s in range(self.num_stages)]
+            self._coefficients[device] = torch.tensor(rows, dtype=torch.float64, device=device)
+        return self._coefficients[device]
+
+    def _macs(self, state: RunState, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-image (macs, macs_linear) of the run from its token counts, all stages at once.
+
+        ``tokens`` [B, S]: active patch tokens entering each stage. Blocks cost ``a·n + b·n²`` for
+        ``n`` tokens (:func:`~dtop.models.macs.blocks_macs`); heads cost what ``head.macs`` says
+        for the tokens they saw (:meth:`RunState.count_head`).
+        """
+        B = tokens.shape[0]
+        n = state.lengths[:B].to(torch.float64)
+        coef = self._block_coefficients(n.device)
+        linear = n @ coef[:, 0]
+        total = linear + (n * n) @ coef[:, 1]
+        const_total = const_linear = state.embed_macs
+        for stage, (head, seen) in sorted(state.head_tokens.items()):
+            if seen == "grid":  # the same for every image: computed on the host
+                a, lin = head.macs(torch.tensor([float(state.num_patches)]))
+                const_total, const_linear = const_total + float(a), const_linear + float(lin)
+                continue
+            a, lin = head.macs(n[:, stage] if seen == "stream" else tokens[:, stage])
+            total, linear = total + a, linear + lin
+        return total + const_total, linear + const_linear
 
     def assemble(self, state: RunState, input_size: tuple[int, int], padded_size: tuple[int, int]) -> SegOutput:
         """Every token's logits as one map per image, plus the run's statistics (real images only)."""
@@ -168,17 +195,17 @@ class Segmentor(nn.Module):
             exit_stage = state.exit_stage[: B * N].view(B, -1)
             exits = torch.zeros(B, S, dtype=torch.long, device=pred.device)
             exits.scatter_add_(1, exit_stage, torch.ones_like(exit_stage))
+            tokens = N - F.pad(exits.cumsum(1)[:, :-1], (1, 0))  # a token leaves after its exit stage
             per_class = torch.zeros(B * S * K, dtype=torch.long, device=pred.device)
             per_class.index_add_(0, ((torch.arange(B, device=pred.device)[:, None] * S + exit_stage) * K + pred).view(-1),
                                  torch.ones_like(pred).view(-1))
         stats = {
-            "tokens_per_stage": state.tokens[:B],
+            "tokens_per_stage": tokens,
             "exits_per_stage": exits,
             "exits_per_class": per_class.view(B, S, K),
             "exit_stage": exit_stage.view(B, h, w),
-            "macs": state.macs[:B],
-            "macs_linear": state.macs_linear[:B],
         }
+        stats["macs"], stats["macs_linear"] = self._macs(state, tokens)
         return SegOutput(
             logits=logits,
             presence=presence,

@@ -36,7 +36,7 @@ class _Tokens:
     x: Tensor
     batch: Tensor
     pos: Tensor
-    cu: Tensor  # [B + 1] over the real images
+    cu: Tensor  # [B + 2]: over the real images, then the phantom's end (set by the next group)
     stats: Tensor  # [kept, longest segment, shortest segment, kept non-patch tokens]
     host_stats: Tensor  # the same, copied into pinned host memory by the graph itself
     ready: Any  # CUDA event recorded after the replay that fills ``host_stats`` (None on the CPU)
@@ -79,6 +79,7 @@ class StageGraphs:
         amp = ctx.amp
         B = images.shape[0]
         out = None
+        filled = 0  # tokens the last group placed in its buffer (kept ones first)
         for g, (first, last) in enumerate(ctx.groups):
             if g == 0:
                 key, size = (ckey, 0), None
@@ -87,8 +88,8 @@ class StageGraphs:
                 if src.ready is not None:
                     src.ready.synchronize()  # the one host wait per pruning stage
                 n_keep, max_len, _, n_special = src.host_stats.tolist()
-                T0 = src.x.shape[0]
-                Tb = min(_round_up(max(n_keep, 1), max(self.bucket, _round_up(T0 // 32, 8))), T0)
+                T0 = ctx.capacity
+                Tb = min(_round_up(max(n_keep, 1), max(self.bucket, _round_up(T0 // 32, 8))), filled)
                 L = min(_round_up(max(max_len, Tb - n_keep + n_special, 1), self.bucket), Tb)
                 key, size = (ckey, g, Tb, L), (Tb, L, n_special)
 
@@ -98,8 +99,10 @@ class StageGraphs:
                     return self._program(model, ctx, g, first, last, size, B)
 
             out = self._replay(key, program, ctx)
-            if g + 1 < len(ctx.groups) and ctx.tokens[(g + 1) % 2].ready is not None:
-                ctx.tokens[(g + 1) % 2].ready.record()
+            if g + 1 < len(ctx.groups):
+                filled = out
+                if ctx.tokens[(g + 1) % 2].ready is not None:
+                    ctx.tokens[(g + 1) % 2].ready.record()
         return _clone(out)
 
     def _context(self, model: Segmentor, images: Tensor) -> tuple[_Context, tuple]:
@@ -135,31 +138,32 @@ class StageGraphs:
             return model.assemble(state, *ctx.sizes)
         if keep is None:
             keep = torch.ones_like(stream.batch, dtype=torch.bool)
-        (x, batch, pos), order, cu, stats = stream.plan(keep, extra)
+        x, order, batch, pos, cu, stats = stream.plan(keep, extra, state.num_patches)
         j = (g + 1) % 2
         if ctx.tokens[j] is None:  # first (eager) run: allocate with the stream's dtype
             dev = x.device
             ctx.tokens[j] = _Tokens(x.new_zeros(ctx.capacity, x.shape[1]),
                                     torch.zeros(ctx.capacity, dtype=torch.long, device=dev),
                                     torch.zeros(ctx.capacity, dtype=torch.long, device=dev),
-                                    torch.zeros_like(cu), torch.zeros_like(stats),
+                                    torch.zeros(B + 2, dtype=torch.int32, device=dev), torch.zeros_like(stats),
                                     torch.zeros(stats.shape, dtype=stats.dtype, pin_memory=x.is_cuda),
                                     torch.cuda.Event() if x.is_cuda else None)
         dst, m = ctx.tokens[j], order.numel()
         torch.index_select(x, 0, order, out=dst.x[:m])
-        torch.index_select(batch, 0, order, out=dst.batch[:m])
-        torch.index_select(pos, 0, order, out=dst.pos[:m])
-        dst.cu.copy_(cu)
+        dst.batch[:m].copy_(batch)
+        dst.pos[:m].copy_(pos)
+        dst.cu[: B + 1].copy_(cu)
         dst.stats.copy_(stats)
         dst.host_stats.copy_(stats, non_blocking=True)
-        return None
+        return m  # the next group's stream is at most this long: tokens past ``m`` are not laid out
 
     @staticmethod
     def _stream_in(ctx: _Context, src: _Tokens, size: tuple[int, int, int], B: int) -> TokenStream:
-        """The next group's stream: the kept tokens, then a phantom image up to the bucket size."""
+        """The next group's stream: the kept tokens, then the phantom image up to the bucket size (both laid
+        out by the last group's :meth:`TokenStream.plan`)."""
         Tb, L, n_special = size
-        batch, pos, cu = _phantom_tail(src.batch[:Tb], src.pos[:Tb], src.cu, src.stats[0], B, ctx.state.num_patches)
-        return TokenStream(src.x[:Tb], batch, pos, cu, L, B + 1, n_special, False, True)
+        src.cu[B + 1:].fill_(Tb)
+        return TokenStream(src.x[:Tb], src.batch[:Tb], src.pos[:Tb], src.cu, L, B + 1, n_special, False, True)
 
     def _replay(self, key: tuple, program: Callable[[], Any], ctx: _Context) -> Any:
         if not self.capture or (key not in self.graphs and len(self.graphs) >= self.max_graphs):
@@ -188,15 +192,6 @@ class StageGraphs:
         with torch.cuda.graph(graph, pool=self.pool):
             out = program()
         return graph, out
-
-
-def _phantom_tail(batch: Tensor, pos: Tensor, cu: Tensor, n_keep: Tensor, B: int,
-                  N: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Tokens past the ``n_keep`` kept ones become image ``B`` (the phantom), at positions cycling over the grid."""
-    ar = torch.arange(batch.shape[0], device=batch.device)
-    real = ar < n_keep
-    tail = torch.full((1,), batch.shape[0], dtype=cu.dtype, device=cu.device)
-    return torch.where(real, batch, B), torch.where(real, pos, ar % N), torch.cat([cu, tail])
 
 
 def _state_tensors(state: RunState) -> list[Tensor]:

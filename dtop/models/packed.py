@@ -9,7 +9,8 @@ device; the only host syncs are the ones :meth:`TokenStream.select` needs to siz
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Sequence
+from functools import lru_cache
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,45 +34,80 @@ def _stable_partition(flag: Tensor, before: Tensor) -> Tensor:
     return torch.empty_like(ar).scatter_(0, dest, ar)
 
 
-def _plan(keep: Tensor, batch: Tensor, pos: Tensor, cu_seqlens: Tensor, n_img: int,
-          ekeep: Tensor | None = None, ebatch: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(order, cu_seqlens, stats) of :meth:`TokenStream.plan` for a stream (+ extra tokens ``ekeep``/``ebatch``)."""
-    keep = keep & (batch < n_img)  # a phantom image's tokens never stay
-    kept = running_count(keep)  # kept stream tokens before each position
+def _relabel(order: Tensor, batch: Tensor, pos: Tensor, n_keep: Tensor, rest_batch: int,
+             num_patches: int) -> tuple[Tensor, Tensor]:
+    """Batch and pos in ``order``; past the first ``n_keep``: image ``rest_batch`` at positions cycling over the grid."""
+    ar = torch.arange(order.shape[0], device=order.device)
+    first = ar < n_keep
+    return torch.where(first, batch[order], rest_batch), torch.where(first, pos[order], ar % num_patches)
+
+
+def partition_reference(flag: Tensor, batch: Tensor, pos: Tensor, cu_seqlens: Tensor, n_img: int, rest_batch: int,
+                        num_patches: int, absorb: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Kept tokens (``flag`` set and image < ``n_img``) first, each image's in order, then the rest, in order.
+
+    Returns ``order`` (the permutation), ``batch`` and ``pos`` in that order (the rest relabelled as
+    image ``rest_batch`` at positions cycling over ``num_patches``), the kept tokens' ``cu_seqlens``
+    over the first ``n_img`` images (int32; with ``absorb`` the last offset is T, so the last image
+    takes the rest) and ``stats`` = [kept, longest and shortest kept segment, kept tokens with pos < 0].
+
+    No sort: segments are contiguous and in image order, so a running count of kept tokens gives every
+    kept token its place. On CUDA one Triton kernel (:mod:`dtop.kernels.partition`) does all of this.
+    """
+    keep = flag & (batch < n_img)
+    kept = running_count(keep)  # kept tokens before each position
     before = kept[cu_seqlens[: n_img + 1].long()]  # ... before each image
-    special = (keep & (pos < 0)).sum()
-    if ekeep is None or ebatch is None:
-        cu, order = before, _stable_partition(keep, kept)
-    else:
-        ekeep = ekeep & (ebatch < n_img)
-        ekept = running_count(ekeep)
-        ebefore = ekept[torch.searchsorted(ebatch, torch.arange(n_img + 1, device=keep.device))]
-        cu = before + ebefore
-        n_keep, n_drop = cu[-1], keep.shape[0] - kept[-1]
-        ar, ear = torch.arange(keep.shape[0], device=keep.device), torch.arange(ekeep.shape[0], device=keep.device)
-        # a kept stream token goes after the kept extras of earlier images; a kept extra token after
-        # its image's kept stream tokens; dropped ones follow in any order
-        dest = torch.cat([torch.where(keep, kept[1:] - 1 + ebefore[batch], n_keep + ar - kept[1:]),
-                          torch.where(ekeep, before[(ebatch + 1).clamp(max=n_img)] + ekept[1:] - 1,
-                                      n_keep + n_drop + ear - ekept[1:])])
-        order = torch.empty_like(dest).scatter_(0, dest, torch.arange(dest.shape[0], device=dest.device))
-        special = special + ekept[-1]
+    order = _stable_partition(keep, kept)
+    out_batch, out_pos = _relabel(order, batch, pos, kept[-1], rest_batch, num_patches)
+    counts = before[1:] - before[:-1]
+    stats = torch.stack([kept[-1], counts.max(), counts.min(), (keep & (pos < 0)).sum()])
+    cu = before.to(torch.int32)
+    if absorb:
+        cu[-1:].fill_(flag.shape[0])
+    return order, out_batch, out_pos, cu, stats
+
+
+@lru_cache(maxsize=1)
+def _partition_kernel() -> Callable[..., tuple[Tensor, Tensor, Tensor, Tensor, Tensor]] | None:
+    try:
+        from dtop.kernels.partition import partition
+    except ImportError:
+        return None
+    return partition
+
+
+def partition(flag: Tensor, batch: Tensor, pos: Tensor, cu_seqlens: Tensor, n_img: int, rest_batch: int,
+              num_patches: int, absorb: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`partition_reference`, as one Triton kernel on CUDA."""
+    kernel = _partition_kernel() if flag.is_cuda else None
+    fn = kernel if kernel is not None else partition_reference
+    return fn(flag, batch, pos, cu_seqlens, n_img, rest_batch, num_patches, absorb)
+
+
+def _plan_with_extra(keep: Tensor, batch: Tensor, pos: Tensor, cu_seqlens: Tensor, n_img: int, extra: Extra,
+                     num_patches: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`partition_reference` over the stream's tokens followed by ``extra``'s (which end their image's segment)."""
+    keep = keep & (batch < n_img)
+    kept = running_count(keep)
+    before = kept[cu_seqlens[: n_img + 1].long()]
+    ekeep = extra.keep & (extra.batch < n_img)
+    ekept = running_count(ekeep)
+    ebefore = ekept[torch.searchsorted(extra.batch, torch.arange(n_img + 1, device=keep.device))]
+    cu = before + ebefore
+    n_keep, n_drop = cu[-1], keep.shape[0] - kept[-1]
+    ar, ear = torch.arange(keep.shape[0], device=keep.device), torch.arange(ekeep.shape[0], device=keep.device)
+    # a kept stream token goes after the kept extras of earlier images; a kept extra token after
+    # its image's kept stream tokens; dropped ones follow in order
+    dest = torch.cat([torch.where(keep, kept[1:] - 1 + ebefore[batch], n_keep + ar - kept[1:]),
+                      torch.where(ekeep, before[(extra.batch + 1).clamp(max=n_img)] + ekept[1:] - 1,
+                                  n_keep + n_drop + ear - ekept[1:])])
+    order = torch.empty_like(dest).scatter_(0, dest, torch.arange(dest.shape[0], device=dest.device))
+    all_batch = torch.cat([batch, extra.batch])
+    all_pos = torch.cat([pos, torch.full_like(extra.batch, -1)])
+    out_batch, out_pos = _relabel(order, all_batch, all_pos, n_keep, n_img, num_patches)
     counts = cu[1:] - cu[:-1]
-    return order, cu.to(torch.int32), torch.stack([cu[-1], counts.max(), counts.min(), special])
-
-
-def _patch_order(batch: Tensor, pos: Tensor, cu_seqlens: Tensor, batch_size: int,
-                 phantom: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(idx, batch, pos, cu_seqlens) of the patch tokens first, then the others (see :meth:`TokenStream.patches`)."""
-    is_patch = pos >= 0
-    before = running_count(is_patch)
-    idx = _stable_partition(is_patch, before)
-    cu = before[cu_seqlens.long()]
-    if phantom:  # the other tokens join the phantom (last) image, at patch position 0
-        cu[-1:].fill_(pos.shape[0])
-        batch = torch.where(torch.arange(pos.shape[0], device=idx.device) < before[-1], batch[idx], batch_size - 1)
-        return idx, batch, pos.clamp(min=0)[idx], cu.to(torch.int32)
-    return idx, batch[idx], pos[idx], cu.to(torch.int32)
+    special = (keep & (pos < 0)).sum() + ekept[-1]
+    return order, out_batch, out_pos, cu.to(torch.int32), torch.stack([n_keep, counts.max(), counts.min(), special])
 
 
 @dataclass(frozen=True)
@@ -136,25 +172,22 @@ class TokenStream:
     def with_x(self, x: Tensor) -> TokenStream:
         return replace(self, x=x)
 
-    def plan(self, keep: Tensor, extra: Extra | None = None
-             ) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, Tensor, Tensor]:
+    def plan(self, keep: Tensor, extra: Extra | None = None, num_patches: int = 1
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """The device-side part of :meth:`select`, free of host syncs (CUDA graphs capture it).
 
-        Returns the candidate tokens (x, batch, pos: the stream, then ``extra``), ``order`` putting the
-        kept ones first, in image order, each image's in their current order (extra tokens end their
-        image's segment), the new ``cu_seqlens`` over the real images, and
-        ``stats`` = [kept, longest segment, shortest segment, kept non-patch tokens].
-
-        No sort: segments are contiguous and in image order, so a running count of kept tokens gives
-        every kept token its place (a sort costs ~10× more kernel time on a GPU).
+        Returns the candidate features (the stream's, then ``extra``'s), ``order`` putting the kept
+        candidates first, in image order, each image's in their current order (extra tokens end their
+        image's segment), the candidates' batch and pos in that order (past the kept ones: the phantom
+        image ``num_images`` at positions cycling over ``num_patches``), the new ``cu_seqlens`` over
+        the real images and ``stats`` = [kept, longest segment, shortest segment, kept non-patch tokens].
+        See :func:`partition_reference`.
         """
+        n = self.num_images
         if extra is None:
-            order, cu, stats = _plan(keep, self.batch, self.pos, self.cu_seqlens, self.num_images)
-            return (self.x, self.batch, self.pos), order, cu, stats
-        order, cu, stats = _plan(keep, self.batch, self.pos, self.cu_seqlens, self.num_images, extra.keep, extra.batch)
-        x, batch = torch.cat([self.x, extra.x.to(self.x.dtype)]), torch.cat([self.batch, extra.batch])
-        pos = torch.cat([self.pos, torch.full_like(extra.batch, -1)])
-        return (x, batch, pos), order, cu, stats
+            return self.x, *partition(keep, self.batch, self.pos, self.cu_seqlens, n, n, num_patches, False)
+        plan = _plan_with_extra(keep, self.batch, self.pos, self.cu_seqlens, n, extra, num_patches)
+        return torch.cat([self.x, extra.x.to(self.x.dtype)]), *plan
 
     def select(self, keep: Tensor, extra: Extra | None = None) -> TokenStream:
         """Keep the tokens where ``keep`` is true, plus the kept ``extra`` tokens (one host sync).
@@ -164,11 +197,10 @@ class TokenStream:
 
         The result holds the real images only (a phantom image is dropped).
         """
-        (x, batch, pos), order, cu, stats = self.plan(keep, extra)
+        x, order, batch, pos, cu, stats = self.plan(keep, extra)
         n_keep, max_len, min_len, n_special = stats.tolist()
-        idx = order[:n_keep]
-        return TokenStream(x.index_select(0, idx), batch[idx], pos[idx], cu, max_len, self.num_images, n_special,
-                           max_len == min_len)
+        return TokenStream(x.index_select(0, order[:n_keep]), batch[:n_keep], pos[:n_keep], cu, max_len,
+                           self.num_images, n_special, max_len == min_len)
 
     def patches(self) -> tuple[Tensor, TokenStream]:
         """Indices of the patch tokens and the sub-stream they form (no host sync on CUDA).
@@ -178,20 +210,19 @@ class TokenStream:
         """
         if self.num_special == 0 and not self.phantom:
             return torch.arange(self.x.shape[0], device=self.x.device), self
-        idx, batch, pos, cu = _patch_order(self.batch, self.pos, self.cu_seqlens, self.batch_size, self.phantom)
+        B = self.batch_size
+        idx, batch, pos, cu, stats = partition(self.pos >= 0, self.batch, self.pos, self.cu_seqlens, B, B - 1, 1,
+                                               self.phantom)
         if self.phantom:
-            return idx, TokenStream(self.x.index_select(0, idx), batch, pos, cu, self.max_len, self.batch_size, 0, False,
-                                    True)
+            return idx, TokenStream(self.x.index_select(0, idx), batch, pos, cu, self.max_len, B, 0, False, True)
         n = self.x.shape[0] - self.num_special
         idx, batch, pos = idx[:n], batch[:n], pos[:n]
-        counts = cu[1:] - cu[:-1]
         if self.x.is_cuda:
             max_len, uniform = self.max_len, False
         else:
-            max_len, min_len = torch.stack([counts.max(), counts.min()]).tolist()
+            max_len, min_len = stats[1:3].tolist()
             uniform = max_len == min_len
-        return idx, TokenStream(self.x.index_select(0, idx), batch, pos, cu, max_len, self.batch_size, 0, uniform,
-                                fixed=self.fixed)
+        return idx, TokenStream(self.x.index_select(0, idx), batch, pos, cu, max_len, B, 0, uniform, fixed=self.fixed)
 
     def rank(self) -> Tensor:
         """Each token's index within its segment."""

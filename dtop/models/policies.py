@@ -38,9 +38,9 @@ class RunState:
     num_stages: int
     canvas: Tensor  # [B·N + 1, K] assembled logits, flat over (image, patch), then the trash row
     exit_stage: Tensor  # [B·N + 1] stage whose head made each token's prediction, then the trash row
-    macs: Tensor  # [B] float64
-    macs_linear: Tensor  # [B] float64
-    tokens: Tensor  # [B, S] active patch tokens entering each stage
+    lengths: Tensor  # [B, S] int32: tokens (patch and other) entering each stage
+    embed_macs: float = 0.0  # patch embedding, per image
+    head_tokens: dict[int, tuple[SegHead, str]] = field(default_factory=dict)  # stage → (head, what it saw)
     stage_logits: list[Tensor] = field(default_factory=list)  # [B·N, K] per aux stage
     stage_presence: list[Tensor | None] = field(default_factory=list)
     buffer: Tensor | None = None  # [B·N, C] reconstructed features (DoViT)
@@ -55,13 +55,14 @@ class RunState:
     def num_images(self) -> int:
         return self.batch_size - self.phantom
 
-    def reset(self, macs: float) -> None:
-        """Start a new forward in the same buffers (CUDA-graph replay reuses one state)."""
+    def reset(self) -> None:
+        """Start a new forward in the same buffers (CUDA-graph replay reuses one state).
+
+        ``head_tokens`` stays: what each stage's head sees is fixed by the model and policy, and a
+        replayed graph does not run the Python that records it.
+        """
         self.canvas.zero_()
         self.exit_stage.fill_(self.num_stages - 1)
-        self.macs.fill_(macs)
-        self.macs_linear.fill_(macs)
-        self.tokens.zero_()
         for t in (self.buffer, self.stopped):
             if t is not None:
                 t.zero_()
@@ -99,9 +100,14 @@ class RunState:
         """Each token's row in the flat per-token tensors (the trash row for non-patch tokens)."""
         return torch.where(stream.pos >= 0, stream.batch * self.num_patches + stream.pos, self.trash)
 
-    def add_macs(self, macs: tuple[Tensor, Tensor]) -> None:
-        self.macs.add_(macs[0])
-        self.macs_linear.add_(macs[1])
+    def count_head(self, stage: int, head: SegHead, seen: str) -> None:
+        """Record that ``stage``'s head ran on ``seen`` tokens: "stream" (every active token, non-patch
+        ones riding along), "patches" (the active patch tokens) or "grid" (the full patch map).
+
+        The MACs follow from these records and the per-stage token counts once, at assembly: counting
+        them per stage costs a dozen tiny kernels each, a real share of a batch-1 forward.
+        """
+        self.head_tokens[stage] = (head, seen)
 
     def full_stream(self, x: Tensor) -> TokenStream:
         """The stream of the whole patch map (every token, in grid order)."""
@@ -217,13 +223,14 @@ class DToP(Policy):
     def prunes_at(self, stage: int, num_aux: int) -> bool:
         return self.enabled and (self.context == "fixed_ratio" or self.threshold_at(stage, num_aux) < 1.0)
 
-    def _exits(self, conf: Tensor, cls: Tensor, ps: TokenStream, patch: Tensor, n_patch: Tensor, thr: float,
+    def _exits(self, conf: Tensor, cls: Tensor, ps: TokenStream, patch: Tensor, thr: float,
                K: int, stage: int) -> tuple[Tensor, Tensor]:
         """(tokens that leave the computation, tokens graded easy) among the tokens ``ps``.
 
-        Only tokens where ``patch`` may exit; ``n_patch`` [B] counts them per image.
+        Only tokens where ``patch`` may exit.
         """
         if self.context == "fixed_ratio":
+            n_patch = torch.zeros(ps.batch_size, dtype=torch.long, device=conf.device).index_add_(0, ps.batch, patch.long())
             quota = (n_patch.double() * self.ratio).floor().long()
             group = torch.where(patch, ps.batch, ps.batch_size)
             easy = topk_per_group(group, conf, F.pad(quota, (0, 1)), ps.batch_size)
@@ -245,12 +252,12 @@ class DToP(Policy):
         flat = state.flat(ps)
         state.write_canvas(flat, out.logits)
         state.snapshot(state.canvas, out.presence)
-        state.add_macs(head.macs(ps.lengths))  # what the head computed, non-patch tokens riding along included
+        state.count_head(stage, head, "stream" if idx is None else "patches")
         if not self.prunes_at(stage, num_aux):
             return stream, None, None
         thr = self.threshold_at(stage, num_aux)
         conf, cls = head.token_probs(out, ps).max(-1)
-        exits, easy = self._exits(conf, cls, ps, ps.pos >= 0, state.tokens[:, stage], thr, state.num_classes, stage)
+        exits, easy = self._exits(conf, cls, ps, ps.pos >= 0, thr, state.num_classes, stage)
         state.exit_stage.index_put_((flat,), torch.where(exits, stage, state.exit_stage[flat]))
         if idx is None:
             keep = ~exits
@@ -276,7 +283,7 @@ class DToP(Policy):
             return
         out = head(norm(ps.x), ps)
         state.write_canvas(state.flat(ps), out.logits)
-        state.add_macs(head.macs(ps.lengths))
+        state.count_head(state.num_stages - 1, head, "patches")
         state.presence = out.presence
 
 
@@ -315,7 +322,7 @@ class DoViT(Policy):
         fs = state.full_stream(full)
         out = head(full, fs)
         state.snapshot(out.logits.to(state.canvas.dtype), out.presence)
-        state.add_macs(head.macs(fs.lengths))
+        state.count_head(stage, head, "grid")
         if not self.prunes_at(stage, num_aux):
             return stream, None, None
         thr = self.threshold_at(stage, num_aux)
@@ -352,7 +359,7 @@ class DoViT(Policy):
             state.canvas[:-1].copy_(out.logits)
         else:
             state.canvas = out.logits.to(state.canvas.dtype)
-        state.add_macs(head.macs(fs.lengths))
+        state.count_head(state.num_stages - 1, head, "grid")
         state.presence, state.features = out.presence, full
 
 
@@ -385,7 +392,7 @@ class RecordedDecisions(DToP):
     def prunes_at(self, stage: int, num_aux: int) -> bool:
         return self.enabled and stage < len(self.keep)
 
-    def _exits(self, conf: Tensor, cls: Tensor, ps: TokenStream, patch: Tensor, n_patch: Tensor, thr: float,
+    def _exits(self, conf: Tensor, cls: Tensor, ps: TokenStream, patch: Tensor, thr: float,
                K: int, stage: int) -> tuple[Tensor, Tensor]:
         mask = self.keep[stage]
         if mask.device != ps.x.device:
