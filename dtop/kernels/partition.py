@@ -69,18 +69,24 @@ def _partition(flag_ptr, batch_ptr, pos_ptr, cu_ptr, run_ptr, order_ptr, batch_o
 
 
 def partition(flag: Tensor, batch: Tensor, pos: Tensor, cu_seqlens: Tensor, n_img: int, rest_batch: int,
-              num_patches: int, absorb: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(order, batch, pos, cu_seqlens, stats): see :func:`dtop.models.packed.partition_reference`."""
+              num_patches: int, absorb: bool, out: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(order, batch, pos, cu_seqlens, stats): see :func:`dtop.models.packed.partition_reference`.
+
+    ``out``: contiguous (batch, pos, cu_seqlens, stats) tensors to write into (the kernel writes the
+    first T, n_img + 1 and 4 elements), sparing the copies into CUDA-graph buffers.
+    """
     T = flag.shape[0]
     block = min(MAX_BLOCK, max(128, triton.next_power_of_2(max(T, 1))))
     chunks = triton.next_power_of_2(max(1, triton.cdiv(T, block)))  # a power of two: few compilations
     dev = flag.device
     run = torch.empty(T, dtype=torch.int32, device=dev)
     order = torch.empty(T, dtype=torch.long, device=dev)
-    batch_out, pos_out = torch.empty_like(batch), torch.empty_like(pos)
-    cu = torch.empty(n_img + 1, dtype=torch.int32, device=dev)
-    stats = torch.empty(4, dtype=torch.long, device=dev)
+    if out is None:
+        out = (torch.empty_like(batch), torch.empty_like(pos), torch.empty(n_img + 1, dtype=torch.int32, device=dev),
+               torch.empty(4, dtype=torch.long, device=dev))
+    batch_out, pos_out, cu, stats = out
     _partition[(1,)](flag, batch, pos, cu_seqlens, run, order, batch_out, pos_out, cu, stats, T, n_img, rest_batch,
                      num_patches, ABSORB=absorb, CHUNKS=chunks, BLOCK=block, NB=triton.next_power_of_2(n_img + 2),
                      num_warps=4 if block <= 1024 else 8)
-    return order, batch_out, pos_out, cu, stats
+    return order, batch_out[:T], pos_out[:T], cu[: n_img + 1], stats

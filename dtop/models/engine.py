@@ -167,8 +167,8 @@ class Segmentor(nn.Module):
         B = tokens.shape[0]
         n = state.lengths[:B].to(torch.float64)
         coef = self._block_coefficients(n.device)
-        linear = n @ coef[:, 0]
-        total = linear + (n * n) @ coef[:, 1]
+        linear = [n @ coef[:, 0]]
+        total = [linear[0], (n * n) @ coef[:, 1]]
         const_total = const_linear = state.embed_macs
         for stage, (head, seen) in sorted(state.head_tokens.items()):
             if seen == "grid":  # the same for every image: computed on the host
@@ -176,8 +176,9 @@ class Segmentor(nn.Module):
                 const_total, const_linear = const_total + float(a), const_linear + float(lin)
                 continue
             a, lin = head.macs(n[:, stage] if seen == "stream" else tokens[:, stage])
-            total, linear = total + a, linear + lin
-        return total + const_total, linear + const_linear
+            total.append(a)
+            linear.append(lin)
+        return torch.stack(total).sum(0) + const_total, torch.stack(linear).sum(0) + const_linear
 
     def assemble(self, state: RunState, input_size: tuple[int, int], padded_size: tuple[int, int]) -> SegOutput:
         """Every token's logits as one map per image, plus the run's statistics (real images only)."""

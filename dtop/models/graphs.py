@@ -138,22 +138,20 @@ class StageGraphs:
             return model.assemble(state, *ctx.sizes)
         if keep is None:
             keep = torch.ones_like(stream.batch, dtype=torch.bool)
-        x, order, batch, pos, cu, stats = stream.plan(keep, extra, state.num_patches)
         j = (g + 1) % 2
         if ctx.tokens[j] is None:  # first (eager) run: allocate with the stream's dtype
-            dev = x.device
-            ctx.tokens[j] = _Tokens(x.new_zeros(ctx.capacity, x.shape[1]),
+            dev = stream.x.device
+            ctx.tokens[j] = _Tokens(stream.x.new_zeros(ctx.capacity, stream.x.shape[1]),
                                     torch.zeros(ctx.capacity, dtype=torch.long, device=dev),
                                     torch.zeros(ctx.capacity, dtype=torch.long, device=dev),
-                                    torch.zeros(B + 2, dtype=torch.int32, device=dev), torch.zeros_like(stats),
-                                    torch.zeros(stats.shape, dtype=stats.dtype, pin_memory=x.is_cuda),
-                                    torch.cuda.Event() if x.is_cuda else None)
-        dst, m = ctx.tokens[j], order.numel()
+                                    torch.zeros(B + 2, dtype=torch.int32, device=dev),
+                                    torch.zeros(4, dtype=torch.long, device=dev),
+                                    torch.zeros(4, dtype=torch.long, pin_memory=stream.x.is_cuda),
+                                    torch.cuda.Event() if stream.x.is_cuda else None)
+        dst = ctx.tokens[j]
+        x, order, _, _, _, stats = stream.plan(keep, extra, state.num_patches, (dst.batch, dst.pos, dst.cu, dst.stats))
+        m = order.numel()
         torch.index_select(x, 0, order, out=dst.x[:m])
-        dst.batch[:m].copy_(batch)
-        dst.pos[:m].copy_(pos)
-        dst.cu[: B + 1].copy_(cu)
-        dst.stats.copy_(stats)
         dst.host_stats.copy_(stats, non_blocking=True)
         return m  # the next group's stream is at most this long: tokens past ``m`` are not laid out
 

@@ -77,11 +77,18 @@ def _partition_kernel() -> Callable[..., tuple[Tensor, Tensor, Tensor, Tensor, T
 
 
 def partition(flag: Tensor, batch: Tensor, pos: Tensor, cu_seqlens: Tensor, n_img: int, rest_batch: int,
-              num_patches: int, absorb: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """:func:`partition_reference`, as one Triton kernel on CUDA."""
+              num_patches: int, absorb: bool, out: Sequence[Tensor] | None = None
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`partition_reference`, as one Triton kernel on CUDA; ``out`` (batch, pos, cu_seqlens, stats): buffers
+    to place the results in (their leading elements)."""
     kernel = _partition_kernel() if flag.is_cuda else None
-    fn = kernel if kernel is not None else partition_reference
-    return fn(flag, batch, pos, cu_seqlens, n_img, rest_batch, num_patches, absorb)
+    if kernel is not None:
+        return kernel(flag, batch, pos, cu_seqlens, n_img, rest_batch, num_patches, absorb, out)
+    result = partition_reference(flag, batch, pos, cu_seqlens, n_img, rest_batch, num_patches, absorb)
+    if out is None:
+        return result
+    placed = [dst[: t.shape[0]].copy_(t) for dst, t in zip(out, result[1:])]
+    return result[0], *placed
 
 
 def _plan_with_extra(keep: Tensor, batch: Tensor, pos: Tensor, cu_seqlens: Tensor, n_img: int, extra: Extra,
@@ -172,8 +179,8 @@ class TokenStream:
     def with_x(self, x: Tensor) -> TokenStream:
         return replace(self, x=x)
 
-    def plan(self, keep: Tensor, extra: Extra | None = None, num_patches: int = 1
-             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def plan(self, keep: Tensor, extra: Extra | None = None, num_patches: int = 1,
+             out: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """The device-side part of :meth:`select`, free of host syncs (CUDA graphs capture it).
 
         Returns the candidate features (the stream's, then ``extra``'s), ``order`` putting the kept
@@ -181,13 +188,15 @@ class TokenStream:
         image's segment), the candidates' batch and pos in that order (past the kept ones: the phantom
         image ``num_images`` at positions cycling over ``num_patches``), the new ``cu_seqlens`` over
         the real images and ``stats`` = [kept, longest segment, shortest segment, kept non-patch tokens].
-        See :func:`partition_reference`.
+        See :func:`partition_reference`; ``out``: buffers for (batch, pos, cu_seqlens, stats).
         """
         n = self.num_images
         if extra is None:
-            return self.x, *partition(keep, self.batch, self.pos, self.cu_seqlens, n, n, num_patches, False)
-        plan = _plan_with_extra(keep, self.batch, self.pos, self.cu_seqlens, n, extra, num_patches)
-        return torch.cat([self.x, extra.x.to(self.x.dtype)]), *plan
+            return self.x, *partition(keep, self.batch, self.pos, self.cu_seqlens, n, n, num_patches, False, out)
+        order, *plan = _plan_with_extra(keep, self.batch, self.pos, self.cu_seqlens, n, extra, num_patches)
+        if out is not None:
+            plan = [dst[: t.shape[0]].copy_(t) for dst, t in zip(out, plan)]
+        return torch.cat([self.x, extra.x.to(self.x.dtype)]), order, *plan
 
     def select(self, keep: Tensor, extra: Extra | None = None) -> TokenStream:
         """Keep the tokens where ``keep`` is true, plus the kept ``extra`` tokens (one host sync).
@@ -288,9 +297,8 @@ def single_image_key_bias(stream: TokenStream) -> Tensor | None:
     if not (stream.phantom and stream.batch_size == 2 and not stream.fixed and x.is_cuda and half
             and T <= CUDNN_BIAS_MAX_TOKENS and not torch.is_grad_enabled()):
         return None
-    real = torch.arange(T, device=x.device) < stream.cu_seqlens[1].clamp(min=1)
-    bias = torch.zeros(T, device=x.device, dtype=x.dtype).masked_fill(~real, float("-inf"))
-    return bias[None, None, None, :].expand(1, 1, T, T)
+    real = torch.arange(T, device=x.device) < stream.cu_seqlens[1:2].clamp(min=1)
+    return torch.where(real, 0.0, float("-inf")).to(x.dtype)[None, None, None, :].expand(1, 1, T, T)
 
 
 def segment_attention(q: Tensor, k: Tensor, v: Tensor, stream: TokenStream, dropout_p: float = 0.0,

@@ -98,7 +98,7 @@ class RunState:
 
     def flat(self, stream: TokenStream) -> Tensor:
         """Each token's row in the flat per-token tensors (the trash row for non-patch tokens)."""
-        return torch.where(stream.pos >= 0, stream.batch * self.num_patches + stream.pos, self.trash)
+        return torch.where(stream.pos >= 0, stream.pos.add(stream.batch, alpha=self.num_patches), self.trash)
 
     def count_head(self, stage: int, head: SegHead, seen: str) -> None:
         """Record that ``stage``'s head ran on ``seen`` tokens: "stream" (every active token, non-patch

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from dtop.losses import cross_entropy
@@ -44,7 +45,7 @@ class SegHead(nn.Module):
 
     def token_probs(self, out: HeadOutput, stream: TokenStream) -> Tensor:
         """Per-token class probabilities [T, K] that grade tokens (confidence = their max)."""
-        return out.logits.float().softmax(-1)
+        return out.logits.softmax(-1, dtype=torch.float32)
 
     def scores(self, logits: Tensor, presence: Tensor | None) -> Tensor:
         """Per-pixel class scores [B, K, H, W] from an assembled logit map; argmax is the prediction."""
