@@ -3,7 +3,7 @@
 python scripts/profile_graphs.py [vit_base_patch16_224] [batches, e.g. 1,8] [size] [pure|mixed]
 Prints dense/pruned replay times (CUDA events, medians), the kernels of one pruned replay grouped by
 name, the same program run eagerly grouped by aten op, and microbenchmarks of sorts and tiny kernels
-replayed in a graph. ``pure``: bf16 weights; ``mixed``: fp32 weights under bf16 autocast.
+replayed in a graph (``--micro``) and of one block's latency against its token count (``--blocks``). ``pure``: bf16 weights; ``mixed``: fp32 weights under bf16 autocast.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 from dtop.models.build import build_segmentor
 from dtop.models.graphs import StageGraphs
 from dtop.models.heads.fcn import FCNHead
+from dtop.models.packed import TokenStream, blocks_forward
 from dtop.models.policies import RecordedDecisions, random_keep_masks
 from dtop.models.vit import ViTBackbone
 
@@ -63,10 +64,26 @@ def micro() -> None:
         print(f"n={n}: µs per op in a graph: " + ", ".join(row))
 
 
+def block_latency(model: torch.nn.Module) -> None:
+    """µs per block replayed in a graph, one image of T tokens (the batch-1 graph path: cuDNN, key bias)."""
+    block = model.backbone.blocks[0]
+    row = []
+    for T in (1025, 769, 513, 321):
+        x = torch.randn(T, block.norm1.normalized_shape[0], device="cuda", dtype=next(block.parameters()).dtype)
+        zero = torch.zeros(T, dtype=torch.long, device="cuda")
+        stream = TokenStream(x, zero, zero, torch.tensor([0, T, T], dtype=torch.int32, device="cuda"), T, 2, 0, False,
+                             True)
+        with torch.no_grad():
+            row.append(f"{T} tokens {graph_time(lambda: blocks_forward([block], stream)):.1f}")
+    print(f"one block, batch 1, µs per replay: " + ", ".join(row))
+
+
 if "--micro" in sys.argv:
     micro()
 model = build_segmentor(ViTBackbone(name, img_size=(S, S)), partial(FCNHead), 150, partial(FCNHead), layers,
                         RecordedDecisions([])).cuda().eval()
+if "--blocks" in sys.argv:
+    block_latency(model.to(torch.bfloat16))
 model.enable_cuda_graphs(64)
 dtype = torch.bfloat16 if precision == "pure" else torch.float32
 model.to(dtype)
@@ -122,6 +139,12 @@ for B in batches:
     waits = [statistics.median(r[g - 1][1].elapsed_time(r[g][0]) * 1e3 for r in runs) for g in range(1, n)]
     print("group replays (µs, event to event): " + ", ".join(f"{t:.1f}" for t in spans)
           + "; GPU idle between groups (µs): " + ", ".join(f"{t:.1f}" for t in waits))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(4):
+            run(i, True)
+        torch.cuda.synchronize()
+    dense_k = [e.device_time_total for e in prof.events() if e.device_type.name == "CUDA"]
+    print(f"kernels per dense run: {len(dense_k) / 4:.0f}, kernel time {sum(dense_k) / 4e3:.3f} ms")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for i in range(4):
             run(i, False)
