@@ -21,6 +21,16 @@ MAX_BLOCK = 4096  # tokens per chunk; larger streams loop over chunks
 
 
 @triton.jit
+def _chunk(flag_ptr, batch_ptr, pos_ptr, c, T, n_img, BLOCK: tl.constexpr):
+    """Chunk ``c`` of the stream: offsets, in-range mask, kept flags, images and positions."""
+    offs = c * BLOCK + tl.arange(0, BLOCK)
+    m = offs < T
+    b = tl.load(batch_ptr + offs, mask=m, other=0)
+    k = (tl.load(flag_ptr + offs, mask=m, other=0) != 0) & (b < n_img) & m
+    return offs, m, k, b, tl.load(pos_ptr + offs, mask=m, other=0)
+
+
+@triton.jit(do_not_specialize=["T", "n_img", "rest_batch", "num_patches"])  # stream sizes vary: no recompiles
 def _partition(flag_ptr, batch_ptr, pos_ptr, cu_ptr, run_ptr, order_ptr, batch_out_ptr, pos_out_ptr, cu_out_ptr,
                stats_ptr, T, n_img, rest_batch, num_patches, ABSORB: tl.constexpr, CHUNKS: tl.constexpr,
                BLOCK: tl.constexpr, NB: tl.constexpr):
@@ -28,12 +38,7 @@ def _partition(flag_ptr, batch_ptr, pos_ptr, cu_ptr, run_ptr, order_ptr, batch_o
     kept = tl.full([], 0, tl.int32)
     special = tl.full([], 0, tl.int32)
     for c in range(CHUNKS):
-        offs = c * BLOCK + tl.arange(0, BLOCK)
-        m = offs < T
-        f = tl.load(flag_ptr + offs, mask=m, other=0) != 0
-        b = tl.load(batch_ptr + offs, mask=m, other=0)
-        p = tl.load(pos_ptr + offs, mask=m, other=0)
-        k = f & (b < n_img) & m
+        offs, m, k, b, p = _chunk(flag_ptr, batch_ptr, pos_ptr, c, T, n_img, BLOCK)
         ki = k.to(tl.int32)
         tl.store(run_ptr + offs, tl.cumsum(ki, 0) + kept, mask=m)
         special += tl.sum((k & (p < 0)).to(tl.int32), 0)
@@ -41,12 +46,7 @@ def _partition(flag_ptr, batch_ptr, pos_ptr, cu_ptr, run_ptr, order_ptr, batch_o
     tl.debug_barrier()
     # pass 2: kept tokens to their running-count place, the others after all kept ones, in order
     for c in range(CHUNKS):
-        offs = c * BLOCK + tl.arange(0, BLOCK)
-        m = offs < T
-        f = tl.load(flag_ptr + offs, mask=m, other=0) != 0
-        b = tl.load(batch_ptr + offs, mask=m, other=0)
-        p = tl.load(pos_ptr + offs, mask=m, other=0)
-        k = f & (b < n_img) & m
+        offs, m, k, b, p = _chunk(flag_ptr, batch_ptr, pos_ptr, c, T, n_img, BLOCK)
         run = tl.load(run_ptr + offs, mask=m, other=0)
         dest = tl.where(k, run - 1, kept + offs - run)
         tl.store(order_ptr + dest, offs.to(tl.int64), mask=m)

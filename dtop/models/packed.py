@@ -172,10 +172,6 @@ class TokenStream:
         """Real images (``batch_size`` without the phantom)."""
         return self.batch_size - self.phantom
 
-    @property
-    def lengths(self) -> Tensor:
-        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
-
     def with_x(self, x: Tensor) -> TokenStream:
         return replace(self, x=x)
 
