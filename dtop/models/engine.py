@@ -146,6 +146,7 @@ class Segmentor(nn.Module):
         return stream, None, None
 
     def stage_blocks(self, stage: int) -> nn.ModuleList:
+        """The backbone blocks that ``stage`` runs (between two prune layers)."""
         starts, ends = [0] + self.prune_layers, self.prune_layers + [self.backbone.depth]
         return self.backbone.blocks[starts[stage]:ends[stage]]
 

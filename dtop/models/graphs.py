@@ -88,8 +88,8 @@ class StageGraphs:
                 if src.ready is not None:
                     src.ready.synchronize()  # the one host wait per pruning stage
                 n_keep, max_len, _, n_special = src.host_stats.tolist()
-                T0 = ctx.capacity
-                Tb = min(_round_up(max(n_keep, 1), max(self.bucket, _round_up(T0 // 32, 8))), filled)
+                step = max(self.bucket, _round_up(ctx.capacity // 32, 8))
+                Tb = min(_round_up(max(n_keep, 1), step), filled)
                 L = min(_round_up(max(max_len, Tb - n_keep + n_special, 1), self.bucket), Tb)
                 key, size = (ckey, g, Tb, L), (Tb, L, n_special)
 
