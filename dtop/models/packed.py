@@ -42,6 +42,20 @@ def _relabel(order: Tensor, batch: Tensor, pos: Tensor, n_keep: Tensor, rest_bat
     return torch.where(first, batch[order], rest_batch), torch.where(first, pos[order], ar % num_patches)
 
 
+def _kept_before(keep: Tensor, batch: Tensor, cu_seqlens: Tensor, n_img: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(keep restricted to the first ``n_img`` images, kept tokens before each position, ... before each image)."""
+    keep = keep & (batch < n_img)
+    kept = running_count(keep)
+    return keep, kept, kept[cu_seqlens[: n_img + 1].long()]
+
+
+def _place(out: Sequence[Tensor] | None, tensors: Sequence[Tensor]) -> list[Tensor]:
+    """``tensors`` copied into the leading elements of the ``out`` buffers (as they are without buffers)."""
+    if out is None:
+        return list(tensors)
+    return [dst[: t.shape[0]].copy_(t) for dst, t in zip(out, tensors)]
+
+
 def partition_reference(flag: Tensor, batch: Tensor, pos: Tensor, cu_seqlens: Tensor, n_img: int, rest_batch: int,
                         num_patches: int, absorb: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Kept tokens (``flag`` set and image < ``n_img``) first, each image's in order, then the rest, in order.
@@ -54,9 +68,7 @@ def partition_reference(flag: Tensor, batch: Tensor, pos: Tensor, cu_seqlens: Te
     No sort: segments are contiguous and in image order, so a running count of kept tokens gives every
     kept token its place. On CUDA one Triton kernel (:mod:`dtop.kernels.partition`) does all of this.
     """
-    keep = flag & (batch < n_img)
-    kept = running_count(keep)  # kept tokens before each position
-    before = kept[cu_seqlens[: n_img + 1].long()]  # ... before each image
+    keep, kept, before = _kept_before(flag, batch, cu_seqlens, n_img)
     order = _stable_partition(keep, kept)
     out_batch, out_pos = _relabel(order, batch, pos, kept[-1], rest_batch, num_patches)
     counts = before[1:] - before[:-1]
@@ -84,19 +96,14 @@ def partition(flag: Tensor, batch: Tensor, pos: Tensor, cu_seqlens: Tensor, n_im
     kernel = _partition_kernel() if flag.is_cuda else None
     if kernel is not None:
         return kernel(flag, batch, pos, cu_seqlens, n_img, rest_batch, num_patches, absorb, out)
-    result = partition_reference(flag, batch, pos, cu_seqlens, n_img, rest_batch, num_patches, absorb)
-    if out is None:
-        return result
-    placed = [dst[: t.shape[0]].copy_(t) for dst, t in zip(out, result[1:])]
-    return result[0], *placed
+    order, *result = partition_reference(flag, batch, pos, cu_seqlens, n_img, rest_batch, num_patches, absorb)
+    return order, *_place(out, result)
 
 
 def _plan_with_extra(keep: Tensor, batch: Tensor, pos: Tensor, cu_seqlens: Tensor, n_img: int, extra: Extra,
                      num_patches: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`partition_reference` over the stream's tokens followed by ``extra``'s (which end their image's segment)."""
-    keep = keep & (batch < n_img)
-    kept = running_count(keep)
-    before = kept[cu_seqlens[: n_img + 1].long()]
+    keep, kept, before = _kept_before(keep, batch, cu_seqlens, n_img)
     ekeep = extra.keep & (extra.batch < n_img)
     ekept = running_count(ekeep)
     ebefore = ekept[torch.searchsorted(extra.batch, torch.arange(n_img + 1, device=keep.device))]
@@ -190,9 +197,7 @@ class TokenStream:
         if extra is None:
             return self.x, *partition(keep, self.batch, self.pos, self.cu_seqlens, n, n, num_patches, False, out)
         order, *plan = _plan_with_extra(keep, self.batch, self.pos, self.cu_seqlens, n, extra, num_patches)
-        if out is not None:
-            plan = [dst[: t.shape[0]].copy_(t) for dst, t in zip(out, plan)]
-        return torch.cat([self.x, extra.x.to(self.x.dtype)]), order, *plan
+        return torch.cat([self.x, extra.x.to(self.x.dtype)]), order, *_place(out, plan)
 
     def select(self, keep: Tensor, extra: Extra | None = None) -> TokenStream:
         """Keep the tokens where ``keep`` is true, plus the kept ``extra`` tokens (one host sync).
