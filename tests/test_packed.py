@@ -172,7 +172,7 @@ PARTITION_CHECK = textwrap.dedent("""
     dev = sys.argv[1]
     g = torch.Generator().manual_seed(0)
     cases = 0
-    for block in (128, 4096):  # 128: streams of several chunks
+    for block in (128, 4096):  # 128: streams of several chunks take the grid
         kernel.MAX_BLOCK = block
         for T_img in ([3], [1, 0, 5], [40, 1, 0, 77, 300], [129, 128, 2]):
             for p_keep in (0.0, 0.5, 1.0):

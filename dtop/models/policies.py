@@ -11,13 +11,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from functools import lru_cache
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dtop.models.heads.base import SegHead
+from dtop.models.heads.base import HeadOutput, SegHead
 from dtop.models.packed import Extra, TokenStream
 
 CONTEXT_POLICIES = ("topk", "remove", "average", "avg_topk", "fixed_ratio")
@@ -81,6 +82,10 @@ class RunState:
             self.canvas.index_put_((flat,), logits)
         else:
             self.canvas = self.canvas.index_put((flat,), logits)
+
+    def mark_exits(self, flat: Tensor, exits: Tensor, stage: int) -> None:
+        """Record ``stage`` as the exit stage of the tokens at rows ``flat`` where ``exits``."""
+        self.exit_stage.index_put_((flat,), torch.where(exits, stage, self.exit_stage[flat]))
 
     def snapshot(self, logits: Tensor, presence: Tensor | None) -> None:
         if self.keep_stages:
@@ -160,6 +165,63 @@ def graded_tokens(stream: TokenStream, head: SegHead) -> tuple[Tensor | None, To
     return stream.patches()
 
 
+@dataclass
+class Grades:
+    """A stage end's grading of the tokens its head saw: confidence, class, whether easy (may exit)
+    and, when the easy tokens were made to exit right away, the keep mask over those tokens."""
+
+    conf: Tensor  # [T] float32
+    cls: Tensor  # [T] int64
+    easy: Tensor  # [T] bool
+    keep: Tensor | None
+
+
+def grade_reference(out: HeadOutput, head: SegHead, ps: TokenStream, state: RunState, stage: int, threshold: float,
+                    mask: Tensor | None, final: bool) -> Grades:
+    """Write the head's logits into the canvas and grade the tokens ``ps``.
+
+    A patch token is easy when its confidence (top class probability) is ≥ ``threshold`` or, given a
+    recorded keep ``mask`` [n, N], when the mask drops it. ``final``: the easy tokens exit now —
+    their exit stage is recorded and ``keep`` is the rest. On CUDA at inference one Triton kernel
+    (:mod:`dtop.kernels.grade`) does all of this.
+    """
+    flat = state.flat(ps)
+    state.write_canvas(flat, out.logits)
+    conf, cls = head.token_probs(out, ps).max(-1)
+    patch = ps.pos >= 0
+    if mask is None:
+        easy = (conf >= threshold) & patch
+    else:
+        easy = ~mask[ps.batch.clamp(max=mask.shape[0] - 1), ps.pos.clamp(min=0)] & patch
+    keep = None
+    if final:
+        state.mark_exits(flat, easy, stage)
+        keep = ~easy
+    return Grades(conf, cls, easy, keep)
+
+
+@lru_cache(maxsize=1)
+def _grade_kernel() -> Callable[..., tuple[Tensor, Tensor, Tensor, Tensor | None]] | None:
+    try:
+        from dtop.kernels.grade import grade
+    except ImportError:
+        return None
+    return grade
+
+
+def grade(out: HeadOutput, head: SegHead, ps: TokenStream, state: RunState, stage: int, threshold: float,
+          mask: Tensor | None, final: bool) -> Grades:
+    """:func:`grade_reference`, as one kernel where it can be: CUDA, a head graded by softmax or ATM's
+    sigmoid rule, and buffers that may be written in place (inference: no gradient to carry)."""
+    kernel = _grade_kernel() if ps.x.is_cuda and state.inplace else None
+    rule = head.grading if type(head).token_probs is SegHead.token_probs else None
+    if kernel is None or rule not in ("softmax", "sigmoid"):
+        return grade_reference(out, head, ps, state, stage, threshold, mask, final)
+    presence = out.presence if rule == "sigmoid" else None
+    return Grades(*kernel(out.logits, presence, rule == "sigmoid", ps.batch, ps.pos, state.num_patches, state.canvas,
+                          state.exit_stage, stage, threshold, mask, final))
+
+
 class Policy(nn.Module):
     """Common base: a policy has thresholds per aux stage and turns head outputs into decisions."""
 
@@ -223,24 +285,22 @@ class DToP(Policy):
     def prunes_at(self, stage: int, num_aux: int) -> bool:
         return self.enabled and (self.context == "fixed_ratio" or self.threshold_at(stage, num_aux) < 1.0)
 
-    def _exits(self, conf: Tensor, cls: Tensor, ps: TokenStream, patch: Tensor, thr: float,
-               K: int, stage: int) -> tuple[Tensor, Tensor]:
-        """(tokens that leave the computation, tokens graded easy) among the tokens ``ps``.
+    def _mask(self, stage: int, ps: TokenStream) -> Tensor | None:
+        """A recorded keep mask [n, N] that decides which tokens are easy, instead of the threshold."""
+        return None
 
-        Only tokens where ``patch`` may exit.
-        """
+    def _context_exits(self, g: Grades, ps: TokenStream, K: int) -> Tensor:
+        """The easy tokens that leave, once the context rule kept some of them as context."""
         if self.context == "fixed_ratio":
-            n_patch = torch.zeros(ps.batch_size, dtype=torch.long, device=conf.device).index_add_(0, ps.batch, patch.long())
+            patch = ps.pos >= 0
+            n_patch = torch.zeros(ps.batch_size, dtype=torch.long, device=g.conf.device).index_add_(0, ps.batch,
+                                                                                                   patch.long())
             quota = (n_patch.double() * self.ratio).floor().long()
             group = torch.where(patch, ps.batch, ps.batch_size)
-            easy = topk_per_group(group, conf, F.pad(quota, (0, 1)), ps.batch_size)
-            return easy, easy
-        easy = (conf >= thr) & patch
-        if self.context in ("remove", "average"):
-            return easy, easy
+            return topk_per_group(group, g.conf, F.pad(quota, (0, 1)), ps.batch_size)
         G = ps.batch_size * K
-        group = torch.where(easy, ps.batch * K + cls, torch.full_like(cls, G))
-        return easy & ~topk_per_group(group, conf, self.k, G), easy
+        group = torch.where(g.easy, ps.batch * K + g.cls, torch.full_like(g.cls, G))
+        return g.easy & ~topk_per_group(group, g.conf, self.k, G)
 
     def stage_end(self, stage: int, num_aux: int, stream: TokenStream, head: SegHead,
                   state: RunState) -> Decision:
@@ -249,22 +309,27 @@ class DToP(Policy):
             state.snapshot(state.canvas, None)
             return stream, None, None
         out = head(ps.x, ps)
-        flat = state.flat(ps)
-        state.write_canvas(flat, out.logits)
-        state.snapshot(state.canvas, out.presence)
         state.count_head(stage, head, "stream" if idx is None else "patches")
         if not self.prunes_at(stage, num_aux):
+            state.write_canvas(state.flat(ps), out.logits)
+            state.snapshot(state.canvas, out.presence)
             return stream, None, None
-        thr = self.threshold_at(stage, num_aux)
-        conf, cls = head.token_probs(out, ps).max(-1)
-        exits, easy = self._exits(conf, cls, ps, ps.pos >= 0, thr, state.num_classes, stage)
-        state.exit_stage.index_put_((flat,), torch.where(exits, stage, state.exit_stage[flat]))
+        # "remove"/"average": every easy token exits; the other rules pick which ones afterwards
+        final = self.context in ("remove", "average")
+        g = grade(out, head, ps, state, stage, self.threshold_at(stage, num_aux), self._mask(stage, ps), final)
+        state.snapshot(state.canvas, out.presence)
+        if g.keep is None:
+            exits = self._context_exits(g, ps, state.num_classes)
+            state.mark_exits(state.flat(ps), exits, stage)
+            kept = ~exits
+        else:
+            kept = g.keep
         if idx is None:
-            keep = ~exits
+            keep = kept
         else:  # prefix and summary tokens never exit
-            keep = torch.ones(stream.x.shape[0], dtype=torch.bool, device=idx.device).index_put((idx,), ~exits)
+            keep = torch.ones(stream.x.shape[0], dtype=torch.bool, device=idx.device).index_put((idx,), kept)
             keep = keep | (stream.pos < 0)
-        summary = self._summaries(ps, easy, cls, state.num_classes) if self.context in ("average", "avg_topk") else None
+        summary = self._summaries(ps, g.easy, g.cls, state.num_classes) if self.context in ("average", "avg_topk") else None
         return stream, keep, summary
 
     @staticmethod
@@ -392,15 +457,13 @@ class RecordedDecisions(DToP):
     def prunes_at(self, stage: int, num_aux: int) -> bool:
         return self.enabled and stage < len(self.keep)
 
-    def _exits(self, conf: Tensor, cls: Tensor, ps: TokenStream, patch: Tensor, thr: float,
-               K: int, stage: int) -> tuple[Tensor, Tensor]:
+    def _mask(self, stage: int, ps: TokenStream) -> Tensor:
         mask = self.keep[stage]
         if mask.device != ps.x.device:
             mask = self.keep[stage] = mask.to(ps.x.device)
         if mask.shape[0] != ps.num_images:
             raise ValueError(f"Recorded keep masks are for {mask.shape[0]} images; the batch has {ps.num_images}.")
-        leave = ~mask[ps.batch.clamp(max=mask.shape[0] - 1), ps.pos] & patch  # a phantom image borrows a real row
-        return leave, leave
+        return mask  # a phantom image borrows the last real row
 
 
 def random_keep_masks(batch: int, num_patches: int, keep: Sequence[float], spread: float,

@@ -116,6 +116,8 @@ class ATMHead(SegHead):
     and the FFN (SegViT trains with 0.1; the default 0 keeps evaluation deterministic).
     """
 
+    grading = "sigmoid"  # a token's class score: its mask sigmoid times the class presence sigmoid
+
     def __init__(self, in_channels: int, num_classes: int, dim: int | None = None, num_heads: int | None = None,
                  num_layers: int = 3, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
         super().__init__()
@@ -160,12 +162,6 @@ class ATMHead(SegHead):
                 logits = _unpad(sim.transpose(1, 2), stream)  # [T, K]
                 outs.append(HeadOutput(logits, self.presence_embed(tgt).squeeze(-1)))
         return outs
-
-    def token_probs(self, out: HeadOutput, stream: TokenStream) -> Tensor:
-        probs = out.logits.float().sigmoid()
-        if out.presence is None:
-            return probs
-        return probs * out.presence.float().sigmoid()[stream.batch]
 
     def scores(self, logits: Tensor, presence: Tensor | None) -> Tensor:
         probs = logits.float().sigmoid()

@@ -30,6 +30,7 @@ class SegHead(nn.Module):
 
     in_channels: int
     num_classes: int
+    grading = "softmax"  # token_probs: "softmax" over the logits, or "sigmoid" of each, times the presence's
 
     @property
     def token_local(self) -> bool:
@@ -44,7 +45,14 @@ class SegHead(nn.Module):
         raise NotImplementedError
 
     def token_probs(self, out: HeadOutput, stream: TokenStream) -> Tensor:
-        """Per-token class probabilities [T, K] that grade tokens (confidence = their max)."""
+        """Per-token class probabilities [T, K] that grade tokens (confidence = their max).
+
+        The grading kernel implements the two ``grading`` rules; a head that overrides this method
+        is graded by it instead, in PyTorch.
+        """
+        if self.grading == "sigmoid":
+            probs = out.logits.float().sigmoid()
+            return probs if out.presence is None else probs * out.presence.float().sigmoid()[stream.batch]
         return out.logits.softmax(-1, dtype=torch.float32)
 
     def scores(self, logits: Tensor, presence: Tensor | None) -> Tensor:
