@@ -46,9 +46,10 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     i, t = r["inference"], r.get("train", {})
     rows.append(f"| {r['backbone']} | {r['input_size'][0]}×{r['input_size'][1]} | {r['batch_size']} | {'graphs' if r.get('cuda_graphs') else 'eager'}, {r.get('precision', 'mixed')} | {i['dense_ms']:.2f} | "
                 f"{i['pruned_ms']:.2f} | {i['gmacs_ratio']:.3f} | {i['time_ratio']:.3f} | **{i['efficiency']:.2f}** | "
-                f"{i['dense_peak_mib']:.0f} / {i['pruned_peak_mib']:.0f} | "
+                + (f"{i['forward_dense_ms']:.2f} / {i['forward_pruned_ms']:.2f} (**{i['forward_efficiency']:.2f}**) | " if 'forward_efficiency' in i else "– | ")
+                + f"{i['dense_peak_mib']:.0f} / {i['pruned_peak_mib']:.0f} | "
                 + (f"{t['dense_ms']:.1f} / {t['pruned_ms']:.1f} (×{t['speedup']:.2f}) | {t['dense_peak_mib']:.0f} / {t['pruned_peak_mib']:.0f} |" if t else "– | – |"))
-print("| backbone | input | batch | mode | dense ms | pruned ms | GMACs ratio | time ratio | efficiency | peak MiB d/p | train ms d/p | train MiB d/p |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| backbone | input | batch | mode | dense ms | pruned ms | GMACs ratio | time ratio | efficiency | forward ms d/p (efficiency) | peak MiB d/p | train ms d/p | train MiB d/p |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 print("\n".join(rows))
 PY

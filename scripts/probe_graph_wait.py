@@ -1,5 +1,5 @@
-"""GPU idle between CUDA-graph group replays: polling the stage-end event (the engine's way) vs
-``event.synchronize()``, with the host time of each replay call.
+"""GPU idle between CUDA-graph group replays: ``event.synchronize()`` (the engine's way) vs polling
+``event.query()`` from Python, with the host time of each replay call.
 
 python scripts/probe_graph_wait.py [vit_base_patch16_224] [batch]
 Two rounds of each, 60 timed forwards after 20 warm-up ones, then the dense forward; bf16 weights,
@@ -31,7 +31,12 @@ masks = [[m.cuda() for m in random_keep_masks(B, N, [0.7, 0.5], 0.2, torch.Gener
          for i in range(4)]
 xs = [torch.randn(B, 3, S, S, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
 model.policy.set_keep(masks[0])
-waits = {"poll": graphs._wait, "synchronize": torch.cuda.Event.synchronize}
+def poll(event: torch.cuda.Event) -> None:
+    while not event.query():
+        pass
+
+
+waits = {"poll": poll, "synchronize": torch.cuda.Event.synchronize}
 replay, marks = graphs.StageGraphs._replay, []
 
 
@@ -62,7 +67,7 @@ def forward(i: int, dense: bool = False) -> float:
 
 graphs.StageGraphs._replay = timed_replay
 for mode in ("synchronize", "poll") * 2:
-    graphs._wait = waits[mode]
+    torch.cuda.Event.synchronize = waits[mode]
     for i in range(20):
         forward(i)
     runs, total = [], []
@@ -74,7 +79,7 @@ for mode in ("synchronize", "poll") * 2:
     host = [statistics.median(r[g][2] for r in runs) for g in range(len(runs[0]))]
     print(f"{name} b{B} {mode}: total {statistics.median(total):.3f} ms; GPU idle between groups (µs) "
           + ", ".join(f"{w:.1f}" for w in idle) + "; host µs per replay call " + ", ".join(f"{h:.1f}" for h in host))
-graphs._wait, graphs.StageGraphs._replay = waits["poll"], replay
+torch.cuda.Event.synchronize, graphs.StageGraphs._replay = waits["synchronize"], replay
 for i in range(20):
     forward(i, True)
 print(f"{name} b{B} dense {statistics.median(forward(i, True) for i in range(60)):.3f} ms")

@@ -134,6 +134,7 @@ def test_bench_runs_on_cpu(tmp_path, dtype):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     inf = result["inference"]
     assert inf["gmacs_ratio"] < 0.85 and inf["efficiency"] > 0 and "train" in result
+    assert inf["forward_efficiency"] == pytest.approx(inf["gmacs_ratio"] * inf["forward_dense_ms"] / inf["forward_pruned_ms"])
     assert result["train"]["speedup"] > 0 and result["precision"] == "pure"
     assert json.loads((newest_run(tmp_path, "bench") / "bench.json").read_text())["batch_size"] == 2
 

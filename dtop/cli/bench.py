@@ -122,12 +122,16 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     if cfg.cuda_graphs and device.type == "cuda":
         model.enable_cuda_graphs(int(cfg.graph_bucket))
 
-    def infer(i: int, dense: bool) -> None:
+    def infer(i: int, dense: bool, upsample: bool = True) -> None:
+        """``predict`` (scores at the input size: what a user gets), or the forward alone (token-grid logits)."""
         if real is None:
             recorded.set_keep(masks[i % len(masks)])
         images = inputs(i)[0].to(infer_dtype)
         with torch.no_grad(), infer_autocast, (model.dense_mode() if dense else nullcontext()):
-            model.predict(images)
+            if upsample:
+                model.predict(images)
+            else:
+                model(images, keep_stages=False)
 
     model.eval()
     graph_diff = None
@@ -148,6 +152,8 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
                               "decisions": "model" if real is not None else f"keep {list(cfg.keep)} ± {cfg.keep_spread}"}
     dense_t = _measure(lambda i: infer(i, True), cfg.warmup, cfg.iters, device)
     pruned_t = _measure(lambda i: infer(i, False), cfg.warmup, cfg.iters, device)
+    dense_fwd = _measure(lambda i: infer(i, True, False), cfg.warmup, cfg.iters, device)
+    pruned_fwd = _measure(lambda i: infer(i, False, False), cfg.warmup, cfg.iters, device)
     macs = []
     with torch.no_grad(), infer_autocast:
         for i in range(4 if real is None else 1):
@@ -164,6 +170,8 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         "dense_img_s": 1e3 * B / dense_t["ms"], "pruned_img_s": 1e3 * B / pruned_t["ms"],
         "gmacs_dense": dense_macs / 1e9, "gmacs_pruned": statistics.mean(macs) / 1e9,
         "gmacs_ratio": gmacs_ratio, "time_ratio": time_ratio, "efficiency": gmacs_ratio / time_ratio,
+        "forward_dense_ms": dense_fwd["ms"], "forward_pruned_ms": pruned_fwd["ms"],
+        "forward_efficiency": gmacs_ratio * dense_fwd["ms"] / pruned_fwd["ms"],
         "keep_ratio_per_stage": (tokens / tokens[0]).tolist(),
         "dense_peak_mib": dense_t["peak_mib"], "pruned_peak_mib": pruned_t["peak_mib"],
     }
@@ -218,6 +226,8 @@ def print_result(result: dict[str, Any]) -> None:
     table.add_row("GMACs / image", f"{inf['gmacs_dense']:.2f}", f"{inf['gmacs_pruned']:.2f}", f"{inf['gmacs_ratio']:.3f}")
     table.add_row("peak MiB", f"{inf['dense_peak_mib']:.0f}", f"{inf['pruned_peak_mib']:.0f}", "")
     table.add_row("efficiency", "", "", f"{inf['efficiency']:.3f}")
+    table.add_row("forward ms (no upsampling)", f"{inf['forward_dense_ms']:.3f}", f"{inf['forward_pruned_ms']:.3f}",
+                  f"eff. {inf['forward_efficiency']:.3f}")
     if "train" in result:
         tr = result["train"]
         table.add_row("train ms / step", f"{tr['dense_ms']:.3f}", f"{tr['pruned_ms']:.3f}", f"×{tr['speedup']:.2f} faster")

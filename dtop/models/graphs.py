@@ -88,7 +88,7 @@ class StageGraphs:
             else:
                 src = ctx.tokens[g % 2]
                 if src.ready is not None:
-                    _wait(src.ready)  # the one host wait per pruning stage
+                    src.ready.synchronize()  # the one host wait per pruning stage
                 n_keep, max_len, _, n_special = src.host_stats.tolist()
                 step = max(self.bucket, _round_up(ctx.full // 128, 8))
                 Tb = min(_round_up(max(n_keep, 1), step), filled)
@@ -192,13 +192,6 @@ class StageGraphs:
         with torch.cuda.graph(graph, pool=self.pool):
             out = program()
         return graph, out
-
-
-def _wait(event: torch.cuda.Event) -> None:
-    """Wait for ``event`` by polling it: the GPU idled 24–37 µs between groups this way against 30–74 µs
-    with ``event.synchronize()`` (H100, ViT-B batch 1; docs/results/graph_wait_h100_session17.txt); level at batch 8."""
-    while not event.query():
-        pass
 
 
 def _state_tensors(state: RunState) -> list[Tensor]:
