@@ -206,3 +206,70 @@ def test_partition_kernel_matches_reference_in_interpreter():
 def test_partition_kernel_matches_reference_on_cuda():
     res = subprocess.run([sys.executable, "-c", PARTITION_CHECK, "cuda"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.startswith("ok 72"), res.stderr[-3000:]
+
+
+ATTENTION_CHECK = textwrap.dedent("""
+    import sys, torch
+    from dtop.kernels.attention import varlen_attention
+    from dtop.models.packed import TokenStream, segment_attention
+
+    dev, dtype, tol = sys.argv[1], getattr(torch, sys.argv[2]), float(sys.argv[3])
+    g = torch.Generator().manual_seed(0)
+    cases = 0
+    # an empty segment, lengths around the 64-token tiles, and (on CUDA) segments past the long-tile switch
+    shapes = [[5], [130, 0, 64, 200], [1, 129, 63]] + ([[2100, 7], [3000]] if dev == "cuda" else [])
+    for lengths in shapes:
+        for H, D in ((2, 64), (3, 32)):
+            T = sum(lengths)
+            cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+            batch = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+            q, k, v = torch.randn(T, 3, H, D, generator=g).to(dtype).unbind(1)  # strided, as from one qkv
+            stream = TokenStream(torch.zeros(T, 1), batch, batch * 0, cu, max(lengths), len(lengths), 0, False)
+            ref = segment_attention(q.float(), k.float(), v.float(), stream)
+            got = varlen_attention(q.to(dev), k.to(dev), v.to(dev), cu.to(dev), max(lengths) + 7)  # an upper bound
+            assert got.dtype == dtype and got.shape == q.shape
+            err = float((got.float().cpu() - ref).abs().max())
+            assert err <= tol, (lengths, H, D, err)
+            cases += 1
+    print("ok", cases)
+""")
+
+
+def test_attention_kernel_matches_reference_in_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-c", ATTENTION_CHECK, "cpu", "float32", "1e-5"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.startswith("ok 6"), res.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_attention_kernel_matches_reference_on_cuda():
+    res = subprocess.run([sys.executable, "-c", ATTENTION_CHECK, "cuda", "bfloat16", "2e-2"], capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.startswith("ok 10"), res.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pruned_inference_attention_takes_the_triton_kernel(monkeypatch):
+    import dtop.kernels.attention as kernel
+    from dtop.models import packed
+    from dtop.models.packed import segment_attention
+
+    calls = []
+    real = kernel.varlen_attention
+    monkeypatch.setattr(kernel, "varlen_attention", lambda *a: calls.append(1) or real(*a))
+    packed._attention_kernel.cache_clear()
+    try:
+        T, H, D = 300, 4, 64
+        cu = torch.tensor([0, 100, 300], dtype=torch.int32, device="cuda")
+        batch = torch.cat([torch.zeros(100), torch.ones(200)]).long().cuda()
+        stream = TokenStream(torch.zeros(T, 1, device="cuda"), batch, batch * 0, cu, 200, 2, 0, False)
+        q, k, v = torch.randn(T, 3, H, D, device="cuda", dtype=torch.bfloat16).unbind(1)
+        with torch.no_grad():
+            got = segment_attention(q, k, v, stream)
+        want = packed._flash_forward(q, k, v, cu, 200)[0]
+    finally:
+        packed._attention_kernel.cache_clear()
+    assert calls == [1]
+    assert (got.float() - want.float()).abs().max() <= 2e-2

@@ -88,6 +88,15 @@ def _partition_kernel() -> Callable[..., tuple[Tensor, Tensor, Tensor, Tensor, T
     return partition
 
 
+@lru_cache(maxsize=1)
+def _attention_kernel() -> Callable[[Tensor, Tensor, Tensor, Tensor, int], Tensor] | None:
+    try:
+        from dtop.kernels.attention import varlen_attention
+    except ImportError:
+        return None
+    return varlen_attention
+
+
 def partition(flag: Tensor, batch: Tensor, pos: Tensor, cu_seqlens: Tensor, n_img: int, rest_batch: int,
               num_patches: int, absorb: bool, out: Sequence[Tensor] | None = None
               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -307,10 +316,11 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, stream: TokenStream, drop
     """Self-attention of [T, H, D] q/k/v within each image segment → [T, H, D].
 
     The dense model's equal segments take batched SDPA like timm. On CUDA every other stream takes
-    flash varlen — the ATen op directly when no gradient is needed, :class:`_FlashVarlen` otherwise —
-    equal segments too when pruning shaped them: SDPA's cuDNN backend builds a new plan for every new
-    sequence length (43–66 ms per call, 116–160 ms with backward, measured on an H100), and a pruned
-    length is new almost every batch. A ``key_bias`` (:func:`single_image_key_bias`) sends a captured
+    flash varlen — without gradient the Triton kernel of :mod:`dtop.kernels.attention` (1.2–1.4× the
+    ATen op's speed on an H100; the ATen op where Triton is missing), :class:`_FlashVarlen` (ATen's
+    forward and backward) with one — equal segments too when pruning shaped them: SDPA's cuDNN
+    backend builds a new plan for every new sequence length (43–66 ms per call, 116–160 ms with
+    backward, measured on an H100), and a pruned length is new almost every batch. A ``key_bias`` (:func:`single_image_key_bias`) sends a captured
     batch-1 stream through cuDNN over its whole fixed bucket instead.
     """
     if key_bias is not None:
@@ -322,7 +332,9 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, stream: TokenStream, drop
         cu, n = stream.cu_seqlens, stream.max_len
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return _FlashVarlen.apply(q, k, v, cu, n)
-        return _flash_forward(q, k, v, cu, n)[0]
+        D = q.shape[-1]
+        kernel = _attention_kernel() if D & (D - 1) == 0 and 16 <= D <= 128 else None
+        return kernel(q, k, v, cu, n) if kernel is not None else _flash_forward(q, k, v, cu, n)[0]
     if stream.uniform:
         B = q.shape[0] // stream.max_len
         qb, kb, vb = (t.reshape(B, -1, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
