@@ -236,7 +236,9 @@ ATTENTION_CHECK = textwrap.dedent("""
 
 
 def test_attention_kernel_matches_reference_in_interpreter():
-    pytest.importorskip("triton")
+    triton = pytest.importorskip("triton")
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9):  # seen failing on 3.6; 3.9 runs it
+        pytest.skip("this Triton's interpreter cannot loop up to a loaded scalar (the CUDA test covers the kernel)")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     res = subprocess.run([sys.executable, "-c", ATTENTION_CHECK, "cpu", "float32", "1e-5"], env=env,
                          capture_output=True, text=True, timeout=600)

@@ -29,7 +29,7 @@ LONG_FROM = 2048
 
 @triton.jit(do_not_specialize=["max_len"])
 def _attention(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, max_len, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h,
-               qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+               qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     m_block = tl.program_id(0)
     seg = tl.program_id(1)
     head = tl.program_id(2)
@@ -49,14 +49,14 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, max_len, sq_t, sq_h, sk_t, sk
             col_ok = cols < n
             tok = (start + cols).to(tl.int64)
             k = tl.load(k_ptr + tok[:, None] * sk_t + head * sk_h + dims[None, :], mask=col_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale  # log2 domain: exp2 below
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2 domain: exp2 below
             s = tl.where(col_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_ptr + tok[:, None] * sv_t + head * sv_h + dims[None, :], mask=col_ok[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         out = acc / l_i[:, None]
         tl.store(o_ptr + (start + rows)[:, None].to(tl.int64) * so_t + head * so_h + dims[None, :],
@@ -76,5 +76,6 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_le
     grid = (triton.cdiv(max_len, block_m), segments, H)
     _attention[grid](q, k, v, out, cu_seqlens, max_len, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                      v.stride(0), v.stride(1), out.stride(0), out.stride(1), math.log2(math.e) / math.sqrt(D),
-                     D=D, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+                     D=D, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+                     PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # fp32: no TF32 rounding
     return out
