@@ -65,7 +65,7 @@ def micro() -> None:
 
 
 def block_latency(model: torch.nn.Module) -> None:
-    """µs per block replayed in a graph, one image of T tokens (the batch-1 graph path: cuDNN, key bias)."""
+    """µs per block replayed in a graph, one image of T tokens (the batch-1 graph path)."""
     block = model.backbone.blocks[0]
     row = []
     for T in (1025, 769, 513, 321):

@@ -144,26 +144,6 @@ def test_pruned_equal_segments_avoid_sdpa_on_cuda(monkeypatch):
     assert torch.allclose(got.float(), expected.float(), atol=2e-2)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_single_image_key_bias_hides_the_phantom_tail():
-    """A batch-1 graph stream (image, then phantom tail) through cuDNN with the key bias equals flash on the image."""
-    from dtop.models.packed import single_image_key_bias, segment_attention
-
-    n, T, H, D = 70, 96, 4, 64
-    cu = torch.tensor([0, n, T], dtype=torch.int32, device="cuda")
-    batch = (torch.arange(T, device="cuda") >= n).long()
-    x = torch.zeros(T, 1, device="cuda", dtype=torch.bfloat16)
-    stream = TokenStream(x, batch, torch.zeros_like(batch), cu, n, 2, 0, False, True)
-    with torch.no_grad():
-        bias = single_image_key_bias(stream)
-        assert bias is not None and bias.shape == (1, 1, T, T)
-        assert single_image_key_bias(TokenStream.from_dense(x.view(1, T, 1), 0, phantom=True)) is None  # dense: SDPA
-        q, k, v = (torch.randn(T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        got = segment_attention(q, k, v, stream, key_bias=bias)[:n]
-        want = segment_attention(q, k, v, stream)[:n]
-    assert (got.float() - want.float()).abs().max() <= 2e-2
-
-
 PARTITION_CHECK = textwrap.dedent("""
     import sys, torch
     import dtop.kernels.partition as kernel

@@ -288,45 +288,18 @@ class _FlashVarlen(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-# Longest single-image graph stream that takes cuDNN with a key bias rather than flash varlen. H100,
-# bf16, graph replays (scripts/probe_cudnn_attention.py): 768 tokens 16 vs 25 µs; 5568 tokens 534 vs
-# 447 µs. The crossover between those two points was not measured; 2048 covers 512² inputs.
-CUDNN_BIAS_MAX_TOKENS = 2048
-
-
-def single_image_key_bias(stream: TokenStream) -> Tensor | None:
-    """For a captured batch-1 stream (one image, then its phantom tail): an additive [1, 1, T, T] bias
-    that hides the tail's keys, so cuDNN attention can run over the fixed bucket; None otherwise.
-
-    Why: at batch 1 flash varlen launches too few blocks to fill the GPU, while cuDNN's fused kernel
-    (the dense model's) is faster; pruned lengths would make cuDNN re-plan, a bucket does not.
-    """
-    x = stream.x
-    T = x.shape[0]
-    half = x.dtype in (torch.float16, torch.bfloat16)
-    if not (stream.phantom and stream.batch_size == 2 and not stream.fixed and x.is_cuda and half
-            and T <= CUDNN_BIAS_MAX_TOKENS and not torch.is_grad_enabled()):
-        return None
-    real = torch.arange(T, device=x.device) < stream.cu_seqlens[1:2].clamp(min=1)
-    return torch.where(real, 0.0, float("-inf")).to(x.dtype)[None, None, None, :].expand(1, 1, T, T)
-
-
-def segment_attention(q: Tensor, k: Tensor, v: Tensor, stream: TokenStream, dropout_p: float = 0.0,
-                      key_bias: Tensor | None = None) -> Tensor:
+def segment_attention(q: Tensor, k: Tensor, v: Tensor, stream: TokenStream, dropout_p: float = 0.0) -> Tensor:
     """Self-attention of [T, H, D] q/k/v within each image segment → [T, H, D].
 
     The dense model's equal segments take batched SDPA like timm. On CUDA every other stream takes
-    flash varlen — without gradient the Triton kernel of :mod:`dtop.kernels.attention` (1.2–1.4× the
-    ATen op's speed on an H100; the ATen op where Triton is missing), :class:`_FlashVarlen` (ATen's
-    forward and backward) with one — equal segments too when pruning shaped them: SDPA's cuDNN
+    flash varlen — without gradient the Triton kernel of :mod:`dtop.kernels.attention` (on an H100
+    1.2–1.4× the ATen op's speed for pruned batches, and for a batch-1 graph stream faster than cuDNN
+    over the bucket with the phantom's keys masked, which this path took before; the ATen op where
+    Triton is missing), :class:`_FlashVarlen` (ATen's forward and backward) with a gradient — equal
+    segments too when pruning shaped them: SDPA's cuDNN
     backend builds a new plan for every new sequence length (43–66 ms per call, 116–160 ms with
-    backward, measured on an H100), and a pruned length is new almost every batch. A ``key_bias`` (:func:`single_image_key_bias`) sends a captured
-    batch-1 stream through cuDNN over its whole fixed bucket instead.
+    backward, measured on an H100), and a pruned length is new almost every batch.
     """
-    if key_bias is not None:
-        qb, kb, vb = (t.transpose(0, 1)[None] for t in (q, k, v))
-        out = torch.ops.aten._scaled_dot_product_cudnn_attention(qb, kb, vb, key_bias, False, 0.0, False, False)[0]
-        return out[0].transpose(0, 1)
     flash = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and dropout_p == 0.0
     if flash and not (stream.uniform and stream.fixed):
         cu, n = stream.cu_seqlens, stream.max_len
@@ -358,7 +331,7 @@ def _drop_path(module: nn.Module, y: Tensor, stream: TokenStream) -> Tensor:
     return y * keep[stream.batch, None]
 
 
-def _attention(attn: nn.Module, x: Tensor, stream: TokenStream, key_bias: Tensor | None = None) -> Tensor:
+def _attention(attn: nn.Module, x: Tensor, stream: TokenStream) -> Tensor:
     T = x.shape[0]
     heads, head_dim = attn.num_heads, attn.head_dim
     gate_layer = getattr(attn, "gate", None)
@@ -366,7 +339,7 @@ def _attention(attn: nn.Module, x: Tensor, stream: TokenStream, key_bias: Tensor
     q, k, v = attn.qkv(x).view(T, 3, heads, head_dim).unbind(1)
     q, k = attn.q_norm(q), attn.k_norm(k)
     p = attn.attn_drop.p if attn.training else 0.0
-    out = segment_attention(q, k, v, stream, p, key_bias).reshape(T, heads * head_dim)
+    out = segment_attention(q, k, v, stream, p).reshape(T, heads * head_dim)
     norm = getattr(attn, "norm", None)  # scale-norm, absent in older timm
     if norm is not None:
         out = norm(out)
@@ -375,16 +348,15 @@ def _attention(attn: nn.Module, x: Tensor, stream: TokenStream, key_bias: Tensor
     return attn.proj_drop(attn.proj(out))
 
 
-def block_forward(block: Block, x: Tensor, stream: TokenStream, key_bias: Tensor | None = None) -> Tensor:
+def block_forward(block: Block, x: Tensor, stream: TokenStream) -> Tensor:
     """timm ``Block.forward`` on packed tokens [T, C] laid out as ``stream``, with the block's own modules."""
-    x = x + _drop_path(block.drop_path1, block.ls1(_attention(block.attn, block.norm1(x), stream, key_bias)), stream)
+    x = x + _drop_path(block.drop_path1, block.ls1(_attention(block.attn, block.norm1(x), stream)), stream)
     return x + _drop_path(block.drop_path2, block.ls2(block.mlp(block.norm2(x))), stream)
 
 
 def blocks_forward(blocks: Sequence[Block], stream: TokenStream) -> TokenStream:
     """Run consecutive blocks over a stream whose layout does not change in between."""
     x = stream.x
-    key_bias = single_image_key_bias(stream)
     for block in blocks:
-        x = block_forward(block, x, stream, key_bias)
+        x = block_forward(block, x, stream)
     return stream.with_x(x)
