@@ -65,8 +65,8 @@ class StageGraphs:
 
     ``bucket``: token counts are rounded up to a multiple of max(bucket, 1/128 of the unpruned
     count), so the padding costs under 1 % of the dense work and one batch shape needs at most ~128
-    graphs per pruning stage (a step of 1/32 padded ViT-B batch 8's pruned stages by ~200 tokens on average). Past ``max_graphs`` new
-    sizes run the same code eagerly instead of capturing more.
+    graphs per pruning stage (a step of 1/32 padded ViT-B batch 8's pruned stages by ~200 tokens on
+    average). Past ``max_graphs`` new sizes run the same code eagerly instead of capturing more.
     """
 
     def __init__(self, bucket: int = 64, max_graphs: int = 256, capture: bool = True) -> None:

@@ -292,13 +292,13 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, stream: TokenStream, drop
     """Self-attention of [T, H, D] q/k/v within each image segment → [T, H, D].
 
     The dense model's equal segments take batched SDPA like timm. On CUDA every other stream takes
-    flash varlen — without gradient the Triton kernel of :mod:`dtop.kernels.attention` (on an H100
-    1.2–1.4× the ATen op's speed for pruned batches, and for a batch-1 graph stream faster than cuDNN
+    flash varlen: without gradient the Triton kernel of :mod:`dtop.kernels.attention` (on an H100
+    1.2–1.4× the ATen op's speed for pruned batches and, for a batch-1 graph stream, faster than cuDNN
     over the bucket with the phantom's keys masked, which this path took before; the ATen op where
-    Triton is missing), :class:`_FlashVarlen` (ATen's forward and backward) with a gradient — equal
-    segments too when pruning shaped them: SDPA's cuDNN
-    backend builds a new plan for every new sequence length (43–66 ms per call, 116–160 ms with
-    backward, measured on an H100), and a pruned length is new almost every batch.
+    Triton is missing), with one :class:`_FlashVarlen` (ATen's forward and backward). Equal segments
+    too, when pruning shaped them: SDPA's cuDNN backend builds a new plan for every new sequence
+    length (43–66 ms per call, 116–160 ms with backward, measured on an H100), and a pruned length is
+    new almost every batch.
     """
     flash = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and dropout_p == 0.0
     if flash and not (stream.uniform and stream.fixed):
@@ -306,7 +306,8 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, stream: TokenStream, drop
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return _FlashVarlen.apply(q, k, v, cu, n)
         D = q.shape[-1]
-        kernel = _attention_kernel() if D & (D - 1) == 0 and 16 <= D <= 128 else None
+        fits = D & (D - 1) == 0 and 16 <= D <= 128 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+        kernel = _attention_kernel() if fits else None
         return kernel(q, k, v, cu, n) if kernel is not None else _flash_forward(q, k, v, cu, n)[0]
     if stream.uniform:
         B = q.shape[0] // stream.max_len
