@@ -20,7 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 # Tiles from `scripts/bench_attention.py --sweep` on an H100 (docs/results/attention_sweep_h100.txt):
-# 64×64, 4 warps, 3 stages led for segments of ≲1k tokens (ViT-B/L at 512²: 1.3–1.4× FA2's speed),
+# 64×64, 4 warps, 3 stages for segments of ≲1k tokens (ViT-B/L at 512²: 1.1–1.4× FA2's speed),
 # 128×64 with 8 warps for ~5k-token segments (1024×2048: 1.2–1.4×).
 SHORT = (64, 64, 4, 3)  # BLOCK_M, BLOCK_N, warps, stages for max_len ≤ LONG_FROM
 LONG = (128, 64, 8, 3)

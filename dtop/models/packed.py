@@ -293,7 +293,7 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, stream: TokenStream, drop
 
     The dense model's equal segments take batched SDPA like timm. On CUDA every other stream takes
     flash varlen: without gradient the Triton kernel of :mod:`dtop.kernels.attention` (on an H100
-    1.2–1.4× the ATen op's speed for pruned batches and, for a batch-1 graph stream, faster than cuDNN
+    1.1–1.4× the ATen op's speed for pruned batches and, for a batch-1 graph stream, faster than cuDNN
     over the bucket with the phantom's keys masked, which this path took before; the ATen op where
     Triton is missing), with one :class:`_FlashVarlen` (ATen's forward and backward). Equal segments
     too, when pruning shaped them: SDPA's cuDNN backend builds a new plan for every new sequence
