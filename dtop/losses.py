@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
-from types import ModuleType
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dtop.kernels import load
 from dtop.models.resize import Upsampled
-
-
-@lru_cache(maxsize=1)
-def _fused_kernels() -> ModuleType | None:
-    """:mod:`dtop.kernels.cross_entropy` (Triton pixel CE), or None where Triton is missing."""
-    try:
-        from dtop.kernels import cross_entropy as kernels
-    except ImportError:
-        return None
-    return kernels
 
 
 def _cross_entropy_sum(logits: Tensor | Upsampled, target: Tensor, ignore_index: int,
                        class_weight: Tensor | None) -> Tensor:
     """Σ of the per-pixel CE: Triton kernels on CUDA (a factored map interpolated inside them), else PyTorch."""
-    kernels = _fused_kernels() if logits.is_cuda and len(logits.shape) > 2 else None
+    kernels = load("cross_entropy") if logits.is_cuda and len(logits.shape) > 2 else None
     if isinstance(logits, Upsampled):
         if (kernels is not None and logits.cols is not None
                 and logits.low.shape[-1] <= kernels.MAX_SOURCE_WIDTH):

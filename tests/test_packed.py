@@ -241,17 +241,13 @@ def test_pruned_inference_attention_takes_the_triton_kernel(monkeypatch):
     calls = []
     real = kernel.varlen_attention
     monkeypatch.setattr(kernel, "varlen_attention", lambda *a: calls.append(1) or real(*a))
-    packed._attention_kernel.cache_clear()
-    try:
-        T, H, D = 300, 4, 64
-        cu = torch.tensor([0, 100, 300], dtype=torch.int32, device="cuda")
-        batch = torch.cat([torch.zeros(100), torch.ones(200)]).long().cuda()
-        stream = TokenStream(torch.zeros(T, 1, device="cuda"), batch, batch * 0, cu, 200, 2, 0, False)
-        q, k, v = torch.randn(T, 3, H, D, device="cuda", dtype=torch.bfloat16).unbind(1)
-        with torch.no_grad():
-            got = segment_attention(q, k, v, stream)
-        want = packed._flash_forward(q, k, v, cu, 200)[0]
-    finally:
-        packed._attention_kernel.cache_clear()
+    T, H, D = 300, 4, 64
+    cu = torch.tensor([0, 100, 300], dtype=torch.int32, device="cuda")
+    batch = torch.cat([torch.zeros(100), torch.ones(200)]).long().cuda()
+    stream = TokenStream(torch.zeros(T, 1, device="cuda"), batch, batch * 0, cu, 200, 2, 0, False)
+    q, k, v = torch.randn(T, 3, H, D, device="cuda", dtype=torch.bfloat16).unbind(1)
+    with torch.no_grad():
+        got = segment_attention(q, k, v, stream)
+    want = packed._flash_forward(q, k, v, cu, 200)[0]
     assert calls == [1]
     assert (got.float() - want.float()).abs().max() <= 2e-2

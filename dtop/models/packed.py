@@ -9,14 +9,15 @@ device; the only host syncs are the ones :meth:`TokenStream.select` needs to siz
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import lru_cache
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
+
+from dtop.kernels import load
 
 
 def running_count(flag: Tensor) -> Tensor:
@@ -79,32 +80,14 @@ def partition_reference(flag: Tensor, batch: Tensor, pos: Tensor, cu_seqlens: Te
     return order, out_batch, out_pos, cu, stats
 
 
-@lru_cache(maxsize=1)
-def _partition_kernel() -> Callable[..., tuple[Tensor, Tensor, Tensor, Tensor, Tensor]] | None:
-    try:
-        from dtop.kernels.partition import partition
-    except ImportError:
-        return None
-    return partition
-
-
-@lru_cache(maxsize=1)
-def _attention_kernel() -> Callable[[Tensor, Tensor, Tensor, Tensor, int], Tensor] | None:
-    try:
-        from dtop.kernels.attention import varlen_attention
-    except ImportError:
-        return None
-    return varlen_attention
-
-
 def partition(flag: Tensor, batch: Tensor, pos: Tensor, cu_seqlens: Tensor, n_img: int, rest_batch: int,
               num_patches: int, absorb: bool, out: Sequence[Tensor] | None = None
               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`partition_reference`, as one Triton kernel on CUDA; ``out`` (batch, pos, cu_seqlens, stats): buffers
     to place the results in (their leading elements)."""
-    kernel = _partition_kernel() if flag.is_cuda else None
+    kernel = load("partition") if flag.is_cuda else None
     if kernel is not None:
-        return kernel(flag, batch, pos, cu_seqlens, n_img, rest_batch, num_patches, absorb, out)
+        return kernel.partition(flag, batch, pos, cu_seqlens, n_img, rest_batch, num_patches, absorb, out)
     order, *result = partition_reference(flag, batch, pos, cu_seqlens, n_img, rest_batch, num_patches, absorb)
     return order, *_place(out, result)
 
@@ -307,8 +290,8 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, stream: TokenStream, drop
             return _FlashVarlen.apply(q, k, v, cu, n)
         D = q.shape[-1]
         fits = D & (D - 1) == 0 and 16 <= D <= 128 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
-        kernel = _attention_kernel() if fits else None
-        return kernel(q, k, v, cu, n) if kernel is not None else _flash_forward(q, k, v, cu, n)[0]
+        kernel = load("attention") if fits else None
+        return kernel.varlen_attention(q, k, v, cu, n) if kernel is not None else _flash_forward(q, k, v, cu, n)[0]
     if stream.uniform:
         B = q.shape[0] // stream.max_len
         qb, kb, vb = (t.reshape(B, -1, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))

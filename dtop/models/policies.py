@@ -11,13 +11,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dtop.kernels import load
 from dtop.models.heads.base import HeadOutput, SegHead
 from dtop.models.packed import Extra, TokenStream
 
@@ -200,26 +200,17 @@ def grade_reference(out: HeadOutput, head: SegHead, ps: TokenStream, state: RunS
     return Grades(conf, cls, easy, keep)
 
 
-@lru_cache(maxsize=1)
-def _grade_kernel() -> Callable[..., tuple[Tensor, Tensor, Tensor, Tensor | None]] | None:
-    try:
-        from dtop.kernels.grade import grade
-    except ImportError:
-        return None
-    return grade
-
-
 def grade(out: HeadOutput, head: SegHead, ps: TokenStream, state: RunState, stage: int, threshold: float,
           mask: Tensor | None, final: bool) -> Grades:
     """:func:`grade_reference`, as one kernel where it can be: CUDA, a head graded by softmax or ATM's
     sigmoid rule, and buffers that may be written in place (inference: no gradient to carry)."""
-    kernel = _grade_kernel() if ps.x.is_cuda and state.inplace else None
+    kernel = load("grade") if ps.x.is_cuda and state.inplace else None
     rule = head.grading if type(head).token_probs is SegHead.token_probs else None
     if kernel is None or rule not in ("softmax", "sigmoid"):
         return grade_reference(out, head, ps, state, stage, threshold, mask, final)
     presence = out.presence if rule == "sigmoid" else None
-    return Grades(*kernel(out.logits, presence, rule == "sigmoid", ps.batch, ps.pos, state.num_patches, state.canvas,
-                          state.exit_stage, stage, threshold, mask, final))
+    return Grades(*kernel.grade(out.logits, presence, rule == "sigmoid", ps.batch, ps.pos, state.num_patches,
+                                state.canvas, state.exit_stage, stage, threshold, mask, final))
 
 
 class Policy(nn.Module):
