@@ -3,7 +3,9 @@
 python scripts/profile_graphs.py [vit_base_patch16_224] [batches, e.g. 1,8] [size] [pure|mixed]
 Prints dense/pruned replay times (CUDA events, medians), the kernels of one pruned replay grouped by
 name, the same program run eagerly grouped by aten op, and microbenchmarks of sorts and tiny kernels
-replayed in a graph (``--micro``) and of one block's latency against its token count (``--blocks``). ``pure``: bf16 weights; ``mixed``: fp32 weights under bf16 autocast.
+replayed in a graph (``--micro``) and of one block's latency against its token count (``--blocks``);
+``--diff`` lists the kernels whose count differs between a dense and a pruned run. ``pure``: bf16
+weights; ``mixed``: fp32 weights under bf16 autocast.
 """
 
 from __future__ import annotations
@@ -144,6 +146,7 @@ for B in batches:
             run(i, True)
         torch.cuda.synchronize()
     dense_k = [e.device_time_total for e in prof.events() if e.device_type.name == "CUDA"]
+    dense_names = collections.Counter(e.name[:90] for e in prof.events() if e.device_type.name == "CUDA")
     print(f"kernels per dense run: {len(dense_k) / 4:.0f}, kernel time {sum(dense_k) / 4e3:.3f} ms")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for i in range(4):
@@ -158,6 +161,12 @@ for B in batches:
     print(f"kernels per pruned run: {sum(v[0] for v in k.values()) / 4:.0f}, kernel time {total / 1e3:.3f} ms")
     for nm, (c, t) in sorted(k.items(), key=lambda kv: -kv[1][1])[:45]:
         print(f"{c / 4:6.1f} {t / 4:9.1f} µs  {nm}")
+    if "--diff" in sys.argv:
+        print("kernels whose count differs, per run (dense → pruned, pruned µs):")
+        for nm in sorted(set(k) | set(dense_names), key=lambda n: -k[n][1] if n in k else 0):
+            if dense_names[nm] != (k[nm][0] if nm in k else 0):
+                c, t = k[nm] if nm in k else (0, 0.0)
+                print(f"{dense_names[nm] / 4:6.1f} → {c / 4:6.1f} {t / 4:9.1f} µs  {nm}")
     spans = sorted((e.time_range.start, e.time_range.end, e.name[:60]) for e in prof.events()
                    if e.device_type.name == "CUDA")
     gaps = [(b[0] - a[1], a[2], b[2]) for a, b in zip(spans, spans[1:])]

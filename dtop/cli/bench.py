@@ -123,13 +123,13 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         model.enable_cuda_graphs(int(cfg.graph_bucket))
 
     def infer(i: int, dense: bool, upsample: bool = True) -> None:
-        """``predict`` (scores at the input size: what a user gets), or the forward alone (token-grid logits)."""
+        """``segment`` (labels at the input size: what a user gets), or the forward alone (token-grid logits)."""
         if real is None:
             recorded.set_keep(masks[i % len(masks)])
         images = inputs(i)[0].to(infer_dtype)
         with torch.no_grad(), infer_autocast, (model.dense_mode() if dense else nullcontext()):
             if upsample:
-                model.predict(images)
+                model.segment(images)
             else:
                 model(images, keep_stages=False)
 

@@ -201,31 +201,37 @@ class SegModule(L.LightningModule):
 
     # -------------------------------------------------------------- evaluation
     def _infer(self, images: Tensor, size: tuple[int, int]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Pixel scores at ``size`` plus per-image stats summed over slide windows."""
+        """Pixel labels at ``size`` plus per-image stats summed over slide windows."""
         hp = self.hparams
         collected: list[dict[str, Tensor]] = []
 
-        def forward(crop: Tensor) -> Tensor:
-            s, o = self.model.predict(crop)
+        def collect(crop: Tensor, out: SegOutput) -> None:
             dense, dense_lin = self.model.dense_macs(*crop.shape[-2:])
-            o.stats["macs_dense"] = torch.full_like(o.stats["macs"], dense)
-            o.stats["macs_linear_dense"] = torch.full_like(o.stats["macs"], dense_lin)
-            collected.append(o.stats)
-            return s
+            out.stats["macs_dense"] = torch.full_like(out.stats["macs"], dense)
+            out.stats["macs_linear_dense"] = torch.full_like(out.stats["macs"], dense_lin)
+            collected.append(out.stats)
 
-        if hp.eval_mode == "whole" or hp.crop_size is None:
-            scores = forward(images)
-            return resize_logits(scores, size), collected[0]
+        def forward(crop: Tensor) -> Tensor:
+            scores, out = self.model.predict(crop)
+            collect(crop, out)
+            return scores
+
+        whole = hp.eval_mode == "whole" or hp.crop_size is None
+        if whole and tuple(images.shape[-2:]) == size:  # labels straight from the token grid, no score maps
+            labels, out = self.model.segment(images)
+            collect(images, out)
+            return labels, collected[0]
+        if whole:
+            return resize_logits(forward(images), size).argmax(1), collected[0]
         scores = slide_inference(forward, images, self.model.num_classes, tuple(hp.crop_size), tuple(hp.stride))
         keys = ("tokens_per_stage", "exits_per_stage", "exits_per_class", "macs", "macs_linear", "macs_dense",
                 "macs_linear_dense")
         stats = {k: torch.stack([c[k] for c in collected]).sum(0) for k in keys}
-        return resize_logits(scores, size), stats
+        return resize_logits(scores, size).argmax(1), stats
 
     def _eval_step(self, batch: dict[str, Any], metrics: SegMetrics) -> None:
         images, target = batch["image"], batch["label"]
-        scores, stats = self._infer(images, tuple(target.shape[-2:]))
-        pred = scores.argmax(1)
+        pred, stats = self._infer(images, tuple(target.shape[-2:]))
         metrics.update(pred, target)
         valid = target != self.hparams.ignore_index
         correct = ((pred == target) & valid).flatten(1).sum(1).float()

@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dtop.kernels import load
 from dtop.models.heads.base import SegHead
 from dtop.models.macs import block_coefficients, blocks_macs, patch_embed_macs
-from dtop.models.resize import Upsampled, resize_operator
+from dtop.models.resize import Upsampled, resize_operator, resize_taps
 from dtop.models.packed import TokenStream, blocks_forward
 from dtop.models.policies import Decision, DToP, Policy, RunState
 from dtop.models.vit import ViTBackbone
@@ -38,6 +39,12 @@ class SegOutput:
     features: Tensor | None  # [B, N, C] reconstructed final features (DoViT), else None
     input_size: tuple[int, int]  # (H, W) of the unpadded input
     padded_size: tuple[int, int]
+
+
+def _chains(logits: Tensor, out: SegOutput, size: tuple[int, int] | None) -> list[tuple[int, int, int, int]]:
+    """Per axis (grid, padded, input, output) sizes: the resize chain from token-grid logits to pixels."""
+    return [(int(n), int(p), int(c), int(s))
+            for n, p, c, s in zip(logits.shape[-2:], out.padded_size, out.input_size, size or out.input_size)]
 
 
 class Segmentor(nn.Module):
@@ -255,11 +262,7 @@ class Segmentor(nn.Module):
 
     def upsampled(self, logits: Tensor, out: SegOutput, size: tuple[int, int] | None = None) -> Upsampled:
         """Token-grid logits → the input's pixels (crop the padding), then optionally to ``size``; factored."""
-        h, w = logits.shape[-2:]
-        size = size or out.input_size
-        ops = [resize_operator(int(n), int(p), int(c), int(s), logits.device)
-               for n, p, c, s in zip((h, w), out.padded_size, out.input_size, size)]
-        return Upsampled(logits, *ops)
+        return Upsampled(logits, *(resize_operator(*chain, logits.device) for chain in _chains(logits, out, size)))
 
     def upsample(self, logits: Tensor, out: SegOutput, size: tuple[int, int] | None = None) -> Tensor:
         """:meth:`upsampled`, materialised: [B, K, H, W]."""
@@ -269,3 +272,24 @@ class Segmentor(nn.Module):
         """Per-pixel class scores [B, K, H, W] (at ``size`` or the input size) and the raw output."""
         out = self(images, keep_stages=False)
         return self.decode_head.scores(self.upsample(out.logits, out, size), out.presence), out
+
+    def labels(self, out: SegOutput, size: tuple[int, int] | None = None) -> Tensor:
+        """Per-pixel classes [B, H, W] at ``size`` (or the input size): the argmax of :meth:`predict`'s scores.
+
+        On CUDA one kernel interpolates and takes the argmax without forming the class maps (their
+        upsampling costs more than a ViT-B forward's pruning saves at batch 8); elsewhere, or for a
+        head with its own ``scores`` or a resize that mixes more than two inputs per pixel, PyTorch.
+        """
+        head, logits = self.decode_head, out.logits
+        kernel = load("labels") if logits.is_cuda else None
+        if kernel is not None and type(head).scores is SegHead.scores and head.grading in ("softmax", "sigmoid"):
+            taps = [resize_taps(*chain, logits.device) for chain in _chains(logits, out, size)]
+            if taps[0] is not None and taps[1] is not None:
+                sigmoid = head.grading == "sigmoid"
+                return kernel.upsampled_argmax(logits, out.presence if sigmoid else None, sigmoid, *taps)
+        return head.scores(self.upsample(logits, out, size), out.presence).argmax(1)
+
+    def segment(self, images: Tensor, size: tuple[int, int] | None = None) -> tuple[Tensor, SegOutput]:
+        """Per-pixel classes [B, H, W] (at ``size`` or the input size) and the raw output."""
+        out = self(images, keep_stages=False)
+        return self.labels(out, size), out

@@ -28,6 +28,14 @@ def _build(size_in: int, size_out: int) -> Tensor:
     return w
 
 
+def _chain(size_in: int, padded: int, crop: int, size_out: int | None) -> Tensor:
+    """[out, size_in] float64: resize to ``padded``, keep the first ``crop``, resize to ``size_out``."""
+    op = _build(size_in, padded)[:crop] if padded != size_in else torch.eye(size_in, dtype=torch.float64)[:crop]
+    if size_out is not None and size_out != crop:
+        op = _build(crop, size_out) @ op
+    return op
+
+
 @lru_cache(maxsize=64)
 def resize_operator(size_in: int, padded: int, crop: int, size_out: int | None, device: torch.device) -> Tensor | None:
     """[out, size_in] float32 matrix: resize to ``padded``, keep the first ``crop``, resize to ``size_out``.
@@ -35,12 +43,48 @@ def resize_operator(size_in: int, padded: int, crop: int, size_out: int | None, 
     None when the whole chain is the identity.
     """
     with torch.inference_mode(False):
-        op = _build(size_in, padded)[:crop] if padded != size_in else torch.eye(size_in, dtype=torch.float64)[:crop]
-        if size_out is not None and size_out != crop:
-            op = _build(crop, size_out) @ op
+        op = _chain(size_in, padded, crop, size_out)
         if op.shape[0] == op.shape[1] and torch.equal(op, torch.eye(op.shape[0], dtype=op.dtype)):
             return None
         return op.to(device=device, dtype=torch.float32)
+
+
+RUN = 16  # most outputs in one run of :class:`Taps`
+
+
+@dataclass(frozen=True)
+class Taps:
+    """A resize chain whose every output mixes at most two inputs, as runs of outputs sharing both.
+
+    Why: a kernel can then load the two inputs once per run and interpolate ``RUN`` outputs from
+    registers (bilinear ×16 has runs of 16) instead of reading a dense operator.
+    """
+
+    runs: Tensor  # [R, 4] int32: first input, second input, first output, number of outputs (≤ RUN)
+    weights: Tensor  # [out, 2] float32: the two inputs' weights, exactly the operator's float32 entries
+
+
+@lru_cache(maxsize=64)
+def resize_taps(size_in: int, padded: int, crop: int, size_out: int | None, device: torch.device) -> Taps | None:
+    """:func:`resize_operator`'s chain as :class:`Taps`; None where an output mixes more than two inputs
+    (a second resize after the crop)."""
+    with torch.inference_mode(False):
+        op = _chain(size_in, padded, crop, size_out).to(torch.float32)
+        nonzero = op != 0
+        if int(nonzero.sum(1).max()) > 2:
+            return None
+        idx = torch.arange(size_in).expand_as(op)
+        first = torch.where(nonzero, idx, size_in).min(1).values
+        second = torch.where(nonzero, idx, -1).max(1).values
+        out = torch.arange(op.shape[0])
+        weights = torch.stack([op[out, first], torch.where(second > first, op[out, second], 0.0)], 1)
+        runs: list[list[int]] = []
+        for o, pair in enumerate(zip(first.tolist(), second.tolist())):
+            if runs and tuple(runs[-1][:2]) == pair and runs[-1][3] < RUN:
+                runs[-1][3] += 1
+            else:
+                runs.append([*pair, o, 1])
+        return Taps(torch.tensor(runs, dtype=torch.int32, device=device), weights.to(device))
 
 
 @dataclass(frozen=True)

@@ -163,12 +163,6 @@ class ATMHead(SegHead):
                 outs.append(HeadOutput(logits, self.presence_embed(tgt).squeeze(-1)))
         return outs
 
-    def scores(self, logits: Tensor, presence: Tensor | None) -> Tensor:
-        probs = logits.float().sigmoid()
-        if presence is None:  # no image had a token left for the decode head
-            return probs
-        return probs * presence.float().sigmoid()[:, :, None, None]
-
     def loss(self, logits: Tensor | Upsampled, presence: Tensor | None, target: Tensor,
              ignore_index: int = 255, presence_weight: float = 1.0, absent_weight: float = 0.1,
              focal_weight: float = 20.0, dice_weight: float = 1.0) -> dict[str, Tensor]:

@@ -56,7 +56,15 @@ class SegHead(nn.Module):
         return out.logits.softmax(-1, dtype=torch.float32)
 
     def scores(self, logits: Tensor, presence: Tensor | None) -> Tensor:
-        """Per-pixel class scores [B, K, H, W] from an assembled logit map; argmax is the prediction."""
+        """Per-pixel class scores [B, K, H, W] from an assembled logit map; argmax is the prediction.
+
+        The ``grading`` rule at the pixel: the logits (softmax keeps their order), or their sigmoid
+        times the presence's. The label kernel implements both; a head that overrides this method
+        is predicted by it instead, in PyTorch.
+        """
+        if self.grading == "sigmoid":
+            probs = logits.float().sigmoid()
+            return probs if presence is None else probs * presence.float().sigmoid()[:, :, None, None]
         return logits
 
     def loss(self, logits: Tensor | Upsampled, presence: Tensor | None, target: Tensor,
