@@ -1,17 +1,20 @@
 """Per-pixel labels from token-grid logits: upsampled class maps + argmax vs the fused label kernel.
 
-python scripts/bench_labels.py
+python scripts/bench_labels.py [--sweep]
 Cases: 150 classes at 512² (grid 32²) for batch 1, 8 and 32, and 19 classes at 1024×2048 (grid 64×128)
 for batch 1 and 2; fp32 maps as the engine assembles them, channels-last. Each path runs 20 times
 in one CUDA graph and is timed with CUDA events (median of 7 replays); also checks the labels agree.
+``--sweep`` also times the kernel with 2, 4 and 8 warps per program.
 """
 
 from __future__ import annotations
 
 import statistics
+import sys
 
 import torch
 
+from dtop.kernels import labels
 from dtop.kernels.labels import upsampled_argmax
 from dtop.models.resize import Upsampled, resize_operator, resize_taps
 
@@ -54,3 +57,9 @@ for B, K, (H, W) in ((1, 150, (512, 512)), (8, 150, (512, 512)), (32, 150, (512,
     t_kernel = graph_ms(lambda: upsampled_argmax(logits, None, False, *taps))
     print(f"B={B:2d} K={K:3d} {H}×{W}: upsample + argmax {t_ref:.3f} ms, label kernel {t_kernel:.3f} ms "
           f"(×{t_ref / t_kernel:.1f}); labels equal on {100 * same:.4f} % of pixels")
+    if "--sweep" in sys.argv:
+        default, row = labels.WARPS, []
+        for labels.WARPS in (2, 4, 8):
+            row.append(f"{labels.WARPS} {graph_ms(lambda: upsampled_argmax(logits, None, False, *taps)):.3f}")
+        labels.WARPS = default
+        print("    warps: ms  " + ", ".join(row))

@@ -2,8 +2,8 @@
 
 Why: a prediction only needs each pixel's class, but upsampling 150 fp32 class maps to 512² writes
 1.26 GB at batch 8 (~0.9 ms on an H100, dense and pruned alike) to read it once for the argmax.
-Here each program loads the (at most four) low-resolution class vectors a block of pixels mixes,
-interpolates them in registers and writes only the labels.
+Here each program takes a block of up to ``RUN``×``RUN`` pixels that mix the same four
+low-resolution class vectors, interpolates them in registers row by row and writes only the labels.
 
 Same labels as ``scores(upsample(logits)).argmax(1)`` up to the last bit of the interpolation
 (ties); tests compare them under Triton's interpreter. Import only where Triton exists.
@@ -17,6 +17,8 @@ import triton.language as tl
 from torch import Tensor
 
 from dtop.models.resize import RUN, Taps
+
+WARPS = 4  # per program (H100: scripts/bench_labels.py --sweep)
 
 
 @triton.jit(do_not_specialize=["h", "w", "H", "W"])
@@ -73,5 +75,5 @@ def upsampled_argmax(logits: Tensor, presence: Tensor | None, sigmoid: bool, row
         _labels[(rows.runs.shape[0], cols.runs.shape[0], B)](
             low, presence_t, out, rows.runs, rows.weights, cols.runs, cols.weights, h, w, H, W, K=K,
             SIGMOID=sigmoid, PRESENCE=presence is not None, RUN=RUN, BLOCK_K=max(16, triton.next_power_of_2(K)),
-            num_warps=4)
+            num_warps=WARPS)
     return out
