@@ -59,7 +59,8 @@ for B, K, (H, W) in ((1, 150, (512, 512)), (8, 150, (512, 512)), (32, 150, (512,
           f"(×{t_ref / t_kernel:.1f}); labels equal on {100 * same:.4f} % of pixels")
     if "--sweep" in sys.argv:
         default, row = labels.WARPS, []
-        for labels.WARPS in (2, 4, 8):
-            row.append(f"{labels.WARPS} {graph_ms(lambda: upsampled_argmax(logits, None, False, *taps)):.3f}")
+        for warps in (2, 4, 8):
+            labels.WARPS = (warps, warps)
+            row.append(f"{warps} {graph_ms(lambda: upsampled_argmax(logits, None, False, *taps)):.3f}")
         labels.WARPS = default
         print("    warps: ms  " + ", ".join(row))

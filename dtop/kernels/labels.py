@@ -18,7 +18,7 @@ from torch import Tensor
 
 from dtop.models.resize import RUN, Taps
 
-WARPS = 4  # per program (H100: scripts/bench_labels.py --sweep)
+WARPS = (2, 4)  # per program, up to 32 classes / more (H100: scripts/bench_labels.py --sweep)
 
 
 @triton.jit(do_not_specialize=["h", "w", "H", "W"])
@@ -72,8 +72,9 @@ def upsampled_argmax(logits: Tensor, presence: Tensor | None, sigmoid: bool, row
     out = torch.empty(B, H, W, dtype=torch.long, device=logits.device)
     if out.numel():
         presence_t = presence.contiguous() if presence is not None else low
+        block_k = max(16, triton.next_power_of_2(K))
         _labels[(rows.runs.shape[0], cols.runs.shape[0], B)](
             low, presence_t, out, rows.runs, rows.weights, cols.runs, cols.weights, h, w, H, W, K=K,
-            SIGMOID=sigmoid, PRESENCE=presence is not None, RUN=RUN, BLOCK_K=max(16, triton.next_power_of_2(K)),
-            num_warps=WARPS)
+            SIGMOID=sigmoid, PRESENCE=presence is not None, RUN=RUN, BLOCK_K=block_k,
+            num_warps=WARPS[block_k > 32])
     return out
