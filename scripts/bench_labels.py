@@ -3,45 +3,21 @@
 python scripts/bench_labels.py [--sweep]
 Cases: 150 classes at 512² (grid 32²) for batch 1, 8 and 32, and 19 classes at 1024×2048 (grid 64×128)
 for batch 1 and 2; fp32 maps as the engine assembles them, channels-last. Each path runs 20 times
-in one CUDA graph and is timed with CUDA events (median of 7 replays); also checks the labels agree.
+in one CUDA graph and is timed with CUDA events (``graph_ms``: median of 7 replays); also checks
+that the labels agree.
 ``--sweep`` also times the kernel with 2, 4 and 8 warps per program.
 """
 
 from __future__ import annotations
 
-import statistics
 import sys
 
 import torch
 
+from dtop.cli.bench import graph_ms
 from dtop.kernels import labels
 from dtop.kernels.labels import upsampled_argmax
 from dtop.models.resize import Upsampled, resize_operator, resize_taps
-
-REPS = 20
-
-
-def graph_ms(fn) -> float:
-    """ms per call of ``fn``, captured ``REPS`` times in one CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(REPS):
-            fn()
-    times = []
-    for _ in range(7):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / REPS)
-    return statistics.median(times)
-
 
 dev = torch.device("cuda")
 for B, K, (H, W) in ((1, 150, (512, 512)), (8, 150, (512, 512)), (32, 150, (512, 512)), (1, 19, (1024, 2048)),

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from dtop.cli.bench import graph_ms
+
 H, D = 16, 64
 g = torch.Generator().manual_seed(0)
 
@@ -73,21 +75,8 @@ for fn in (flash_varlen, cudnn_varlen):
 
 
 def replay_us(fn, args, reps: int = 20) -> float:
-    """µs per call of ``fn(*args)`` captured once in a CUDA graph (host-side planning happens at capture)."""
-    fn(*args)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn(*args)
-    graph.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    graph.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) * 1e3 / reps
+    """µs per call of ``fn(*args)`` captured in a CUDA graph (host-side planning happens at capture)."""
+    return 1e3 * graph_ms(lambda: fn(*args), reps=reps, rounds=1)
 
 
 # Inside CUDA graphs (how cuda_graphs=true inference runs) the per-call planning is paid once, at capture.

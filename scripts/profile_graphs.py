@@ -18,6 +18,7 @@ from functools import partial
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from dtop.cli.bench import graph_ms
 from dtop.models.build import build_segmentor
 from dtop.models.graphs import StageGraphs
 from dtop.models.heads.fcn import FCNHead
@@ -32,25 +33,9 @@ precision = sys.argv[4] if len(sys.argv) > 4 else "pure"
 layers = [6, 8] if "base" in name else [8, 16]
 
 
-def graph_time(fn, reps: int = 50) -> float:
-    """µs per call of ``fn`` captured in a CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) * 1e3 / reps
+def graph_time(fn) -> float:
+    """µs per call of ``fn`` captured 50 times in a CUDA graph (one timed replay)."""
+    return 1e3 * graph_ms(fn, reps=50, rounds=1)
 
 
 def micro() -> None:
@@ -77,7 +62,7 @@ def block_latency(model: torch.nn.Module) -> None:
                              True)
         with torch.no_grad():
             row.append(f"{T} tokens {graph_time(lambda: blocks_forward([block], stream)):.1f}")
-    print(f"one block, batch 1, µs per replay: " + ", ".join(row))
+    print("one block, batch 1, µs per replay: " + ", ".join(row))
 
 
 if "--micro" in sys.argv:

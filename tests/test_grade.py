@@ -6,13 +6,12 @@ chosen when the kernel is defined); CUDA machines run it compiled, with bf16 log
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+
+from tests.kernel_check import kernel_check
 
 pytest.importorskip("triton")
 
@@ -79,14 +78,9 @@ CHECK = textwrap.dedent("""
 
 
 def test_grade_kernel_matches_reference_in_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-c", CHECK, "cpu", "float32"], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0 and res.stdout.startswith("ok 24"), res.stderr[-3000:]
+    assert kernel_check(CHECK, "cpu", "float32").startswith("ok 24")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_grade_kernel_matches_reference_on_cuda():
-    res = subprocess.run([sys.executable, "-c", CHECK, "cuda", "bfloat16"], capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0 and res.stdout.startswith("ok 24"), res.stderr[-3000:]
+    assert kernel_check(CHECK, "cuda", "bfloat16").startswith("ok 24")

@@ -6,14 +6,13 @@ chosen when the kernels are defined); CUDA machines run them compiled, in bf16 a
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from tests.kernel_check import kernel_check
 
 triton = pytest.importorskip("triton")
 
@@ -83,17 +82,13 @@ CHECK = textwrap.dedent("""
 
 
 def test_kernels_match_reference_in_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-c", CHECK, "cpu", "float32", "1e-5"], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+    assert kernel_check(CHECK, "cpu", "float32", "1e-5").strip() == "ok"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype,tol", [("float32", "1e-5"), ("bfloat16", "2e-2")])
 def test_kernels_match_reference_on_cuda(dtype, tol):
-    res = subprocess.run([sys.executable, "-c", CHECK, "cuda", dtype, tol], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+    assert kernel_check(CHECK, "cuda", dtype, tol).strip() == "ok"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

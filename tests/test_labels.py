@@ -6,15 +6,13 @@ when the kernel is defined) and compiled on CUDA ones, against ``scores(upsample
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from dtop.models.resize import RUN, resize_operator, resize_taps
+from tests.kernel_check import kernel_check
 from tests.test_engine import K, make_model
 
 CHECK = textwrap.dedent("""
@@ -56,17 +54,12 @@ CHECK = textwrap.dedent("""
 
 
 def test_label_kernel_matches_reference_in_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-c", CHECK, "cpu", "float32"], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0 and res.stdout.startswith("ok 12"), res.stderr[-3000:]
+    assert kernel_check(CHECK, "cpu", "float32").startswith("ok 12")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_label_kernel_matches_reference_on_cuda():
-    res = subprocess.run([sys.executable, "-c", CHECK, "cuda", "bfloat16"], capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0 and res.stdout.startswith("ok 12"), res.stderr[-3000:]
+    assert kernel_check(CHECK, "cuda", "bfloat16").startswith("ok 12")
 
 
 @pytest.mark.parametrize("chain", [(32, 512, 512, None), (32, 512, 500, None), (8, 8, 8, None), (3, 3, 3, 23),

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from dtop.models.packed import Extra, TokenStream
+from tests.kernel_check import kernel_check
 
 
 def _stream(lengths: list[int], prefix: int, phantom: int = 0, seed: int = 0) -> TokenStream:
@@ -176,16 +174,12 @@ PARTITION_CHECK = textwrap.dedent("""
 
 def test_partition_kernel_matches_reference_in_interpreter():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-c", PARTITION_CHECK, "cpu"], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0 and res.stdout.startswith("ok 72"), res.stderr[-3000:]
+    assert kernel_check(PARTITION_CHECK, "cpu").startswith("ok 72")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_partition_kernel_matches_reference_on_cuda():
-    res = subprocess.run([sys.executable, "-c", PARTITION_CHECK, "cuda"], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and res.stdout.startswith("ok 72"), res.stderr[-3000:]
+    assert kernel_check(PARTITION_CHECK, "cuda").startswith("ok 72")
 
 
 ATTENTION_CHECK = textwrap.dedent("""
@@ -219,17 +213,12 @@ def test_attention_kernel_matches_reference_in_interpreter():
     triton = pytest.importorskip("triton")
     if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9):  # seen failing on 3.6; 3.9 runs it
         pytest.skip("this Triton's interpreter cannot loop up to a loaded scalar (the CUDA test covers the kernel)")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-c", ATTENTION_CHECK, "cpu", "float32", "1e-5"], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and res.stdout.startswith("ok 6"), res.stderr[-3000:]
+    assert kernel_check(ATTENTION_CHECK, "cpu", "float32", "1e-5").startswith("ok 6")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_attention_kernel_matches_reference_on_cuda():
-    res = subprocess.run([sys.executable, "-c", ATTENTION_CHECK, "cuda", "bfloat16", "2e-2"], capture_output=True,
-                         text=True, timeout=600)
-    assert res.returncode == 0 and res.stdout.startswith("ok 10"), res.stderr[-3000:]
+    assert kernel_check(ATTENTION_CHECK, "cuda", "bfloat16", "2e-2").startswith("ok 10")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -50,6 +50,24 @@ def _timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
     return run
 
 
+def graph_ms(fn: Callable[[], Any], reps: int = 20, rounds: int = 7) -> float:
+    """Milliseconds per call of ``fn`` captured ``reps`` times in one CUDA graph: the median of ``rounds``
+    timed replays after a warm one. Why: kernels of a few µs, timed without launch overhead (the
+    scripts' microbenchmarks). ``fn`` runs once on a side stream first (lazy setup, planning)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    timer = _timer(torch.device("cuda"))
+    return statistics.median(timer(graph.replay) for _ in range(rounds)) / reps
+
+
 def _measure(fn: Callable[[int], Any], warmup: int, iters: int, device: torch.device) -> dict[str, float]:
     timer = _timer(device)
     for i in range(warmup):
