@@ -276,9 +276,9 @@ class Segmentor(nn.Module):
     def labels(self, out: SegOutput, size: tuple[int, int] | None = None) -> Tensor:
         """Per-pixel classes [B, H, W] at ``size`` (or the input size): the argmax of :meth:`predict`'s scores.
 
-        On CUDA one kernel interpolates and takes the argmax without forming the class maps (their
-        upsampling costs more than a ViT-B forward's pruning saves at batch 8); elsewhere, or for a
-        head with its own ``scores`` or a resize that mixes more than two inputs per pixel, PyTorch.
+        On CUDA one kernel interpolates and takes the argmax without forming the class maps (at
+        batch 8 their upsampling cost about what pruning saves on a ViT-B forward); elsewhere, or for
+        a head with its own ``scores`` or a resize that mixes more than two inputs per pixel, PyTorch.
         """
         head, logits = self.decode_head, out.logits
         kernel = load("labels") if logits.is_cuda else None

@@ -49,7 +49,7 @@ def resize_operator(size_in: int, padded: int, crop: int, size_out: int | None, 
         return op.to(device=device, dtype=torch.float32)
 
 
-RUN = 16  # most outputs in one run of :class:`Taps`
+RUN = 16  # at most this many outputs in one run of :class:`Taps`
 
 
 @dataclass(frozen=True)
