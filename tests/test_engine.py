@@ -14,6 +14,7 @@ from dtop.models.heads.fcn import FCNHead
 from dtop.models.packed import TokenStream, segment_attention
 from dtop.models.policies import DToP, DoViT, topk_per_group
 from dtop.models.vit import ViTBackbone
+from tests.tolerance import assert_reordered_close, rel_err, reorder_rel
 
 K = 5
 
@@ -40,10 +41,6 @@ def canvas(out) -> torch.Tensor:
     return out.logits.permute(0, 2, 3, 1).reshape(B, h * w, Kc)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
 @pytest.mark.parametrize("name,kwargs,size", [
     ("vit_tiny_patch16_224", {}, (48, 64)),
     ("vit_tiny_patch16_224", {"class_token": False}, (48, 64)),
@@ -56,7 +53,7 @@ def test_threshold_one_reproduces_dense_model(name, kwargs, size):
     with torch.no_grad():
         out = model(images)
         ref = dense_reference(model, images)
-    assert rel_err(canvas(out), ref) <= 1e-5
+    assert rel_err(canvas(out), ref) <= reorder_rel(torch.float32)
     assert (out.stats["exits_per_stage"][:, :-1] == 0).all()
 
 
@@ -75,7 +72,7 @@ def test_packed_batch_equals_each_image_alone(policy):
     tokens = batched.stats["tokens_per_stage"]
     assert tokens[:, -1].lt(tokens[:, 0]).any(), "the test must really prune"
     for i, single in enumerate(singles):
-        torch.testing.assert_close(batched.logits[i], single.logits[0], rtol=1e-5, atol=1e-5)
+        assert_reordered_close(batched.logits[i], single.logits[0])
         for key in ("tokens_per_stage", "exits_per_stage", "exits_per_class", "exit_stage"):
             assert torch.equal(batched.stats[key][i], single.stats[key][0]), key
         torch.testing.assert_close(batched.stats["macs"][i], single.stats["macs"][0])
@@ -128,7 +125,7 @@ def test_exited_tokens_cannot_influence_later_layers():
             x = block(x, attn_mask=mask)
         head = model.decode_head
         ref = head.cls(head.conv(head.norm(vit.norm(x[0, P:]))))
-    torch.testing.assert_close(canvas(out)[0][~exited], ref[~exited], rtol=1e-5, atol=1e-5)
+    assert_reordered_close(canvas(out)[0][~exited], ref[~exited])
 
 
 def test_lower_threshold_computes_fewer_tokens_and_macs():
@@ -258,7 +255,7 @@ def test_canvas_layout_resize_and_cross_entropy_match_torch():
     logits = x.permute(0, 3, 1, 2)  # class-last view
     up = resize_bilinear(logits, (24, 20))
     ref = F.interpolate(logits, (24, 20), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(up, ref, rtol=1e-5, atol=1e-5)
+    assert_reordered_close(up, ref)
     target = torch.randint(0, 5, (3, 24, 20))
     target[0, :4] = 255
     weight = torch.rand(5) + 0.5
@@ -266,7 +263,7 @@ def test_canvas_layout_resize_and_cross_entropy_match_torch():
         got = torch.autograd.grad(cross_entropy(up, target, 255, w), x, retain_graph=True)[0]
         want = torch.autograd.grad(F.cross_entropy(ref, target, weight=w, ignore_index=255), x, retain_graph=True)[0]
         torch.testing.assert_close(cross_entropy(up, target, 255, w), F.cross_entropy(ref, target, weight=w, ignore_index=255))
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        assert_reordered_close(got, want)
     assert cross_entropy(up, torch.full_like(target, 255)).item() == 0.0
 
 
@@ -285,12 +282,12 @@ def test_factored_upsampling_crops_padding_and_feeds_the_loss_like_the_full_map(
         ref = F.interpolate(out.logits, out.padded_size, mode="bilinear", align_corners=False)[..., :40, :60]
         if size is not None:
             ref = F.interpolate(ref, size, mode="bilinear", align_corners=False)
-        torch.testing.assert_close(fac.dense(), ref, rtol=1e-5, atol=1e-5)
+        assert_reordered_close(fac.dense(), ref)
         assert fac.shape == tuple(ref.shape)
         target = torch.randint(0, K, (2, *ref.shape[-2:]))
         target[0, :3] = 255
         got = torch.autograd.grad(cross_entropy(fac, target), out.logits, retain_graph=True)[0]
         want = torch.autograd.grad(F.cross_entropy(ref, target, ignore_index=255), out.logits, retain_graph=True)[0]
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        assert_reordered_close(got, want)
     with pytest.raises(ValueError, match="do not match"):
         cross_entropy(model.upsampled(out.logits, out), torch.zeros(2, 41, 60, dtype=torch.long))
