@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from dtop.models.resize import resize_bilinear
+from dtop.ops.resize import resize_bilinear
 
 __all__ = ["resize_logits", "slide_inference", "slide_windows"]
 

@@ -6,37 +6,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dtop.kernels import load
-from dtop.models.resize import Upsampled
-
-
-def _cross_entropy_sum(logits: Tensor | Upsampled, target: Tensor, ignore_index: int,
-                       class_weight: Tensor | None) -> Tensor:
-    """Σ of the per-pixel CE: Triton kernels on CUDA (a factored map interpolated inside them), else PyTorch."""
-    kernels = load("cross_entropy") if logits.is_cuda and len(logits.shape) > 2 else None
-    if isinstance(logits, Upsampled):
-        if (kernels is not None and logits.cols is not None
-                and logits.low.shape[-1] <= kernels.MAX_SOURCE_WIDTH):
-            return kernels.upsampled_cross_entropy_sum(logits.row_resized(), logits.cols, target, class_weight,
-                                                       ignore_index)
-        logits = logits.dense()
-    if kernels is not None:
-        return kernels.pixel_cross_entropy_sum(logits, target, class_weight, ignore_index)
-    return F.cross_entropy(logits.float(), target, weight=class_weight, ignore_index=ignore_index, reduction="sum")
+from dtop.ops.cross_entropy import cross_entropy_sum
+from dtop.ops.resize import Upsampled
 
 
 def cross_entropy(logits: Tensor | Upsampled, target: Tensor, ignore_index: int = 255,
                   class_weight: Tensor | None = None) -> Tensor:
     """Pixel CE over the labelled pixels of [B, K, H, W] logits (zero, not NaN, when none are labelled).
 
-    Summed, then divided by the labelled pixels' (class-weighted) count: no host sync. CUDA maps take
-    the fused Triton kernels (same value, a fraction of the memory traffic, no fp32 copy of the map);
-    a factored :class:`~dtop.models.resize.Upsampled` map is interpolated inside them, never formed.
+    Summed (:func:`~dtop.ops.cross_entropy.cross_entropy_sum`: fused kernels on CUDA, a factored map
+    interpolated inside them), then divided by the labelled pixels' (class-weighted) count: no host sync.
     """
     if tuple(target.shape) != (logits.shape[0], *logits.shape[2:]):
         raise ValueError(f"Labels of shape {tuple(target.shape)} do not match logits {tuple(logits.shape)} "
                          "([B, K, H, W] logits need [B, H, W] labels).")
-    total = _cross_entropy_sum(logits, target, ignore_index, class_weight)
+    total = cross_entropy_sum(logits, target, ignore_index, class_weight)
     valid = target != ignore_index
     if class_weight is None:
         denom = valid.sum()

@@ -222,7 +222,7 @@ def _pruned(backbone: ViTBackbone) -> tuple[Segmentor, torch.Tensor]:
         dense = model.train()(x)  # training mode runs the aux heads even at ξ = 1
         model.eval()
         conf = model.decode_head.scores(dense.stage_logits[0], dense.stage_presence[0]).amax(1).flatten(1)
-    model.policy.set_threshold(float(conf.quantile(0.6, dim=1).min()))
+    model.pruning.set_threshold(float(conf.quantile(0.6, dim=1).min()))
     return model, x
 
 

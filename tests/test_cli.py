@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from dtop.cli.common import CONFIG_PATH
-from dtop.lit.module import CheckpointError, load_model_weights
+from dtop.checkpoint import CheckpointError, load_model_weights
 from dtop.models.vit import ViTBackbone, WeightsError
 
 TINY = ["logger=csv", "data.train_size=32", "data.val_size=8", "data.batch_size=8", "data.val_batch_size=4",

@@ -19,8 +19,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from dtop.lit.distributed import (EvalDistributedSampler, eval_sampler, gather_eval_rows, may_skip_heads,
-                                  shard_indices)
+from dtop.data.sampler import EvalDistributedSampler, eval_sampler, shard_indices
+from dtop.lit.distributed import gather_eval_rows
 
 K = 5
 # (dataset size, batch size) for the multi-process sharding test: not divisible by the world size, a single
@@ -64,14 +64,14 @@ def test_sampler_is_a_distributed_sampler_lightning_keeps() -> None:
 def test_policies_that_can_skip_heads() -> None:
     from dtop.models.policies import DoViT, DToP
 
-    assert not may_skip_heads(DToP(0.9, context="topk", k=5))
-    assert not may_skip_heads(DToP(0.9, context="avg_topk", k=1))
-    assert not may_skip_heads(DToP(1.0, context="fixed_ratio", ratio=0.5))
-    assert not may_skip_heads(DoViT(0.5))
-    assert may_skip_heads(DToP(0.9, context="remove"))
-    assert may_skip_heads(DToP(0.9, context="average"))
-    assert may_skip_heads(DToP(0.9, context="topk", k=0))
-    assert may_skip_heads(DToP(1.0, context="fixed_ratio", ratio=1.0))
+    assert not DToP(0.9, context="topk", k=5).can_starve_heads()
+    assert not DToP(0.9, context="avg_topk", k=1).can_starve_heads()
+    assert not DToP(1.0, context="fixed_ratio", ratio=0.5).can_starve_heads()
+    assert not DoViT(0.5).can_starve_heads()
+    assert DToP(0.9, context="remove").can_starve_heads()
+    assert DToP(0.9, context="average").can_starve_heads()
+    assert DToP(0.9, context="topk", k=0).can_starve_heads()
+    assert DToP(1.0, context="fixed_ratio", ratio=1.0).can_starve_heads()
 
 
 def test_strategy_refuses_sync_batchnorm_with_a_policy_that_skips_heads() -> None:
@@ -85,7 +85,7 @@ def test_strategy_refuses_sync_batchnorm_with_a_policy_that_skips_heads() -> Non
 
     strategy = SegDDPStrategy(parallel_devices=[torch.device("cpu")] * 2)
     strategy._layer_sync = TorchSyncBatchNorm()
-    strategy._lightning_module = SimpleNamespace(model=SimpleNamespace(policy=DToP(0.9, context="remove")))
+    strategy._lightning_module = SimpleNamespace(model=SimpleNamespace(pruning=DToP(0.9, context="remove")))
     with pytest.raises(ValueError, match="sync_batchnorm=false"):
         strategy.setup(SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING)))
 

@@ -20,7 +20,8 @@ from dtop.models.heads.base import HeadOutput, SegHead
 from dtop.models.heads.fcn import FCNHead
 from dtop.models.heads.segmenter import SegmenterHead
 from dtop.models.packed import TokenStream
-from dtop.models.policies import DoViT, DToP, RunState
+from dtop.models.policies import DoViT, DToP
+from dtop.models.state import RunState
 from dtop.models.vit import ViTBackbone
 from tests.tolerance import assert_reordered_close, rel_err, reorder_rel
 
@@ -112,14 +113,14 @@ def calibrate(model, images: torch.Tensor, q: float = 0.5) -> list[float]:
     was_training = model.training
     model.train()  # inference skips the aux heads of stages that cannot prune; training runs them all
     for s in range(n_aux):
-        model.policy.set_threshold(thr)
+        model.pruning.set_threshold(thr)
         with torch.no_grad():
             out = model(images)
         logits = HeadOutput(canvas(out.stage_logits[s]).reshape(-1, K))
         conf = model.aux_heads[s].token_probs(logits, None).max(-1).values
         active = out.stats["exit_stage"].view(-1) >= s
         thr[s] = _gap_threshold(conf[active], q)
-    model.policy.set_threshold(thr)
+    model.pruning.set_threshold(thr)
     model.train(was_training)
     return thr
 
@@ -214,7 +215,7 @@ def test_reconstruction_restores_exact_positions():
     assert not sub.uniform
     state = _state(B, grid)
     state.buffer = torch.full((B * N, C), -1.0)  # what stopped tokens hold
-    full = DoViT._reconstruct(sub, state)
+    full = state.scatter_features(sub)
     kept = keep.view(B, 1 + N)[:, 1:].reshape(-1)
     expect_b = torch.arange(B).repeat_interleave(N).float()
     expect_n = torch.arange(N).repeat(B).float()
@@ -223,7 +224,7 @@ def test_reconstruction_restores_exact_positions():
     assert (full[~kept] == -1.0).all()  # the others keep the buffer's (stopped) features
     # From no buffer (first stage): the full map of a full stream is the stream in grid order.
     state.buffer = None
-    assert torch.equal(DoViT._reconstruct(stream, state), code[:, 1:].reshape(B * N, C))
+    assert torch.equal(state.scatter_features(stream), code[:, 1:].reshape(B * N, C))
 
 
 # ------------------------------------------------------------------------------------ cls merging
@@ -413,7 +414,7 @@ def test_annealed_threshold_schedule():
 def test_threshold_annealing_callback_follows_global_step_and_restores_target():
     policy = DoViT((0.9, 0.8))
     logged = {}
-    module = SimpleNamespace(model=SimpleNamespace(policy=policy), log=lambda k, v, **kw: logged.update({k: v}))
+    module = SimpleNamespace(model=SimpleNamespace(pruning=policy), log=lambda k, v, **kw: logged.update({k: v}))
     trainer = SimpleNamespace(global_step=0, estimated_stepping_batches=40)
     cb = ThresholdAnnealing(ratio=0.5)
     cb.on_fit_start(trainer, module)
@@ -474,7 +475,7 @@ def test_segmodule_teacher_frozen_excluded_and_distills(tmp_path):
     student = make_model("segmenter", "fcn1x1", policy=DoViT(0.5))
     module = SegModule(student, K, kl_weight=0.4, mse_weight=0.5, aux_weight=1.0, teacher_ckpt=str(ckpt))
     teacher = module._teacher[0]
-    assert teacher.policy.enabled is False and module.model.policy.enabled is True
+    assert teacher.pruning.enabled is False and module.model.pruning.enabled is True
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     for (name, p), q in zip(teacher.named_parameters(), teacher_src.parameters()):
         assert torch.equal(p, q), name
@@ -541,5 +542,5 @@ def test_configs_compose_segmenter_model_annealing_and_distillation():
     cb = instantiate(cfg.callbacks.threshold_annealing)
     assert isinstance(cb, ThresholdAnnealing) and (cb.start, cb.ratio, cb.iters) == (1.0, 0.5, None)
     model = instantiate(cfg.model)
-    assert isinstance(model.decode_head, SegmenterHead) and isinstance(model.policy, DoViT)
+    assert isinstance(model.decode_head, SegmenterHead) and isinstance(model.pruning, DoViT)
     assert model.decode_head.num_heads == 3 and model.prune_layers == [2, 4, 6]

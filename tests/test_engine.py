@@ -11,9 +11,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dtop.models.build import build_segmentor
 from dtop.models.heads.fcn import FCNHead
-from dtop.models.packed import TokenStream, segment_attention
+from dtop.models.packed import TokenStream
 from dtop.models.policies import DToP, DoViT, topk_per_group
 from dtop.models.vit import ViTBackbone
+from dtop.ops.attention import segment_attention
 from tests.tolerance import assert_reordered_close, rel_err, reorder_rel
 
 K = 5
@@ -134,7 +135,7 @@ def test_lower_threshold_computes_fewer_tokens_and_macs():
     tokens, macs = [], []
     with torch.no_grad():
         for thr in (0.99, 0.5, 0.3, 0.25, 0.22, 0.0):
-            model.policy.set_threshold(thr)
+            model.pruning.set_threshold(thr)
             out = model(images)
             tokens.append(int(out.stats["tokens_per_stage"].sum()))
             macs.append(float(out.stats["macs"].sum()))
@@ -249,7 +250,7 @@ def test_head_width_mismatch_raises():
 def test_canvas_layout_resize_and_cross_entropy_match_torch():
     """The canvas layout ([B, h, w, K] viewed as [B, K, h, w]) resizes and scores exactly like torch's ops."""
     from dtop.losses import cross_entropy
-    from dtop.models.resize import resize_bilinear
+    from dtop.ops.resize import resize_bilinear
 
     x = torch.randn(3, 8, 6, 5, requires_grad=True)
     logits = x.permute(0, 3, 1, 2)  # class-last view
@@ -271,7 +272,7 @@ def test_factored_upsampling_crops_padding_and_feeds_the_loss_like_the_full_map(
     """``upsampled`` (token grid → padded input → crop → label size) equals F.interpolate's chain, and CE
     on the factored map equals CE on the materialised one (the CPU falls back to materialising)."""
     from dtop.losses import cross_entropy
-    from dtop.models.resize import Upsampled
+    from dtop.ops.resize import Upsampled
 
     model = make_model(img_size=(48, 64))
     images = torch.randn(2, 3, 40, 60)  # padded to 48×64 on the patch grid

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dtop.models.build import build_segmentor
-from dtop.models.graphs import StageGraphs
+from dtop.models.graphs import GraphedSegmentor, StageGraphs
 from dtop.models.heads.atm import ATMHead
 from dtop.models.heads.segmenter import SegmenterHead
 from dtop.models.policies import DToP, DoViT, RecordedDecisions, random_keep_masks
@@ -75,9 +75,9 @@ def test_recorded_decisions_replace_masks_in_place_and_check_the_batch():
     runner = StageGraphs(bucket=8, capture=False)
     masks = [random_keep_masks(2, 12, [0.6, 0.3], 0.1, torch.Generator().manual_seed(s)) for s in (1, 2)]
     for m in masks:
-        storage = [k.data_ptr() for k in model.policy.keep]
-        model.policy.set_keep(m)
-        assert [k.data_ptr() for k in model.policy.keep] == storage
+        storage = [k.data_ptr() for k in model.pruning.keep]
+        model.pruning.set_keep(m)
+        assert [k.data_ptr() for k in model.pruning.keep] == storage
         images = torch.randn(2, 3, 48, 64)
         with torch.no_grad():
             eager = model(images, keep_stages=False)
@@ -95,7 +95,7 @@ def test_threshold_change_uses_new_graphs():
     images = torch.randn(2, 3, 48, 64)
     with torch.no_grad():
         runner.run(model, images)
-        model.policy.set_threshold(0.9)
+        model.pruning.set_threshold(0.9)
         graph = runner.run(model, images)
         eager = model(images, keep_stages=False)
     _same(graph, eager)
@@ -106,15 +106,15 @@ def test_threshold_change_uses_new_graphs():
 @pytest.mark.parametrize("batch", [4, 1])  # batch 1: cuDNN over the bucket with the phantom's keys hidden
 def test_captured_graphs_equal_eager_on_cuda(batch):
     model = make_model(policy=DToP(0.25, k=1)).cuda()
-    model.enable_cuda_graphs(bucket=16)
+    graphed = GraphedSegmentor(model, bucket=16)
     for _ in range(3):
         images = torch.randn(batch, 3, 48, 64, device="cuda")
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            graph = model(images, keep_stages=False)
+            graph = graphed(images)
             eager = model(images, keep_stages=True)
         assert torch.equal(graph.stats["tokens_per_stage"], eager.stats["tokens_per_stage"])
         assert float((graph.logits - eager.logits).abs().max() / eager.logits.abs().max()) < 2e-2
-    assert model.graphs.graphs
+    assert graphed.graphs.graphs
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -131,7 +131,7 @@ def test_unpruned_inference_and_training_loss_need_no_host_sync():
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            model.policy.set_keep(masks)
+            model.pruning.set_keep(masks)
             with torch.no_grad(), model.dense_mode():
                 model.predict(images)
             model.train()

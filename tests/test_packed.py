@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 import torch
 
@@ -101,7 +99,7 @@ def test_varlen_flash_gradients_match_per_image_attention():
     """Training through flash varlen: outputs and q/k/v gradients equal per-image SDPA (bf16 tolerance)."""
     import torch.nn.functional as F
 
-    from dtop.models.packed import segment_attention
+    from dtop.ops.attention import segment_attention
 
     lengths, H, D = [37, 5, 64, 1], 3, 64
     T = sum(lengths)
@@ -128,7 +126,7 @@ def test_pruned_equal_segments_avoid_sdpa_on_cuda(monkeypatch):
     """A stream pruning shaped (equal lengths after select) takes flash varlen, never SDPA (cuDNN re-plans per length)."""
     import torch.nn.functional as F
 
-    from dtop.models.packed import segment_attention
+    from dtop.ops.attention import segment_attention
 
     dense = TokenStream.from_dense(torch.randn(2, 10, 64, device="cuda", dtype=torch.bfloat16), 1)
     keep = torch.ones(20, dtype=torch.bool, device="cuda")
@@ -142,90 +140,32 @@ def test_pruned_equal_segments_avoid_sdpa_on_cuda(monkeypatch):
     assert torch.allclose(got.float(), expected.float(), atol=2e-2)
 
 
-PARTITION_CHECK = textwrap.dedent("""
-    import sys, torch
-    import dtop.kernels.partition as kernel
-    from dtop.models.packed import partition_reference
-
-    dev = sys.argv[1]
-    g = torch.Generator().manual_seed(0)
-    cases = 0
-    for block in (128, 4096):  # 128: streams of several chunks take the grid
-        kernel.MAX_BLOCK = block
-        for T_img in ([3], [1, 0, 5], [40, 1, 0, 77, 300], [129, 128, 2]):
-            for p_keep in (0.0, 0.5, 1.0):
-                for absorb, phantom in ((False, 0), (False, 9), (True, 9)):
-                    lengths = T_img + ([phantom] if phantom else [])
-                    T = sum(lengths)
-                    batch = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-                    pos = torch.randint(-1, 50, (T,), generator=g)
-                    flag = torch.rand(T, generator=g) < p_keep
-                    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
-                    n_img = len(T_img) + (phantom > 0 and absorb)
-                    args = (flag, batch, pos, cu)
-                    ref = partition_reference(*args, n_img, len(T_img), 11, absorb)
-                    got = kernel.partition(*(t.to(dev) for t in args), n_img, len(T_img), 11, absorb)
-                    for name, r, o in zip(("order", "batch", "pos", "cu", "stats"), ref, got):
-                        assert r.dtype == o.dtype and torch.equal(r, o.cpu()), (name, T_img, p_keep, absorb, r, o)
-                    cases += 1
-    print("ok", cases)
-""")
-
-
 def test_partition_kernel_matches_reference_in_interpreter():
     pytest.importorskip("triton")
-    assert kernel_check(PARTITION_CHECK, "cpu").startswith("ok 72")
+    assert kernel_check("partition", "cpu") == 72
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_partition_kernel_matches_reference_on_cuda():
-    assert kernel_check(PARTITION_CHECK, "cuda").startswith("ok 72")
-
-
-ATTENTION_CHECK = textwrap.dedent("""
-    import sys, torch
-    from dtop.kernels.attention import varlen_attention
-    from dtop.models.packed import TokenStream, segment_attention
-
-    dev, dtype, tol = sys.argv[1], getattr(torch, sys.argv[2]), float(sys.argv[3])
-    g = torch.Generator().manual_seed(0)
-    cases = 0
-    # an empty segment, lengths around the 64-token tiles, and (on CUDA) segments past the long-tile switch
-    shapes = [[5], [130, 0, 64, 200], [1, 129, 63]] + ([[2100, 7], [3000]] if dev == "cuda" else [])
-    for lengths in shapes:
-        for H, D in ((2, 64), (3, 32)):
-            T = sum(lengths)
-            cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
-            batch = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-            q, k, v = torch.randn(T, 3, H, D, generator=g).to(dtype).unbind(1)  # strided, as from one qkv
-            stream = TokenStream(torch.zeros(T, 1), batch, batch * 0, cu, max(lengths), len(lengths), 0, False)
-            ref = segment_attention(q.float(), k.float(), v.float(), stream)
-            got = varlen_attention(q.to(dev), k.to(dev), v.to(dev), cu.to(dev), max(lengths) + 7)  # an upper bound
-            assert got.dtype == dtype and got.shape == q.shape
-            err = float((got.float().cpu() - ref).abs().max())
-            assert err <= tol, (lengths, H, D, err)
-            cases += 1
-    print("ok", cases)
-""")
+    assert kernel_check("partition", "cuda") == 72
 
 
 def test_attention_kernel_matches_reference_in_interpreter():
     triton = pytest.importorskip("triton")
     if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9):  # seen failing on 3.6; 3.9 runs it
         pytest.skip("this Triton's interpreter cannot loop up to a loaded scalar (the CUDA test covers the kernel)")
-    assert kernel_check(ATTENTION_CHECK, "cpu", "float32", "1e-5").startswith("ok 6")
+    assert kernel_check("attention", "cpu", "float32") == 6
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_attention_kernel_matches_reference_on_cuda():
-    assert kernel_check(ATTENTION_CHECK, "cuda", "bfloat16", "2e-2").startswith("ok 10")
+    assert kernel_check("attention", "cuda", "bfloat16") == 10
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_pruned_inference_attention_takes_the_triton_kernel(monkeypatch):
     import dtop.kernels.attention as kernel
-    from dtop.models import packed
-    from dtop.models.packed import segment_attention
+    from dtop.ops import attention
 
     calls = []
     real = kernel.varlen_attention
@@ -236,7 +176,7 @@ def test_pruned_inference_attention_takes_the_triton_kernel(monkeypatch):
     stream = TokenStream(torch.zeros(T, 1, device="cuda"), batch, batch * 0, cu, 200, 2, 0, False)
     q, k, v = torch.randn(T, 3, H, D, device="cuda", dtype=torch.bfloat16).unbind(1)
     with torch.no_grad():
-        got = segment_attention(q, k, v, stream)
-    want = packed._flash_forward(q, k, v, cu, 200)[0]
+        got = attention.segment_attention(q, k, v, stream)
+    want = attention._flash_forward(q, k, v, cu, 200)[0]
     assert calls == [1]
     assert (got.float() - want.float()).abs().max() <= 2e-2

@@ -1,9 +1,8 @@
-"""Threshold sweeps: dtop-eval multirun + scripts/collect_sweep.py, the budget-penalised sweep
+"""Threshold sweeps: dtop-eval multirun + dtop.sweeps (scripts/collect_sweep.py), the budget-penalised sweep
 objective, dtop-calibrate's choice of ξ, and the Optuna search config."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -17,6 +16,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from dtop import sweeps
 from dtop.cli.calibrate import choose, objective, penalized, run_calibration
 from dtop.cli.common import CONFIG_PATH, build
 
@@ -32,13 +32,6 @@ def hydra_context():
 
 def _compose(name: str, overrides: list[str], **kwargs):
     return compose(name, overrides=overrides, **kwargs)
-
-
-def _collect_sweep():
-    spec = importlib.util.spec_from_file_location("collect_sweep", REPO / "scripts" / "collect_sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +88,7 @@ def test_collect_sweep_groups_other_swept_overrides(tmp_path):
         (run / "metrics.json").write_text(json.dumps({
             "threshold": [xi], "mIoU": miou, "gmacs": gm, "gmacs_linear": gm - 5, "gmacs_dense": 100.0,
             "keep_ratio_per_stage": [1.0, 0.8, 0.6], "config": {"model": {"prune_layers": json.loads(layers)}}}))
-    cs = _collect_sweep()
+    cs = sweeps
     table = cs.collect(tmp_path)
     assert list(table["threshold"]) == [0.95, 0.95, 0.9, 0.9]
     assert "override:model.prune_layers" in table and "override:ckpt_path" not in table
@@ -168,7 +161,7 @@ def test_eval_multirun_and_collect_sweep(multirun):
         assert {"mIoU", "gmacs", "keep_ratio_per_stage", "dense"} <= set(m)
         assert len(m["keep_ratio_per_stage"]) == 3
 
-    cs = _collect_sweep()
+    cs = sweeps
     table = cs.main([str(sweep)])
     assert sorted(table["threshold"]) == [0.13, 0.9]
     assert {"mIoU", "gmacs", "gmacs_linear", "gmacs_dense", "dense_mIoU", "keep_s0", "keep_s1", "keep_s2"} <= set(table)

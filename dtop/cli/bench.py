@@ -24,9 +24,10 @@ from rich.console import Console
 from rich.table import Table
 
 from dtop.cli.common import CONFIG_PATH
-from dtop.lit.module import load_model_weights
+from dtop.checkpoint import load_model_weights
 from dtop.losses import cross_entropy
-from dtop.models.engine import Segmentor
+from dtop.models.engine import SegOutput, Segmentor
+from dtop.models.graphs import GraphedSegmentor
 from dtop.models.policies import RecordedDecisions, random_keep_masks
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -119,7 +120,7 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         g = torch.Generator().manual_seed(int(cfg.seed))
         masks = [[m.to(device) for m in random_keep_masks(B, N, cfg.keep, cfg.keep_spread, g)] for _ in range(4)]
         recorded = RecordedDecisions(masks[0])
-        model.policy = recorded
+        model.pruning = recorded
     inputs = Inputs(B, size, model.num_classes, device, images=real)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     if cfg.precision not in ("pure", "mixed"):
@@ -137,8 +138,11 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     if cfg.compile:
         for block in model.backbone.blocks:
             block.mlp.compile(dynamic=True)
-    if cfg.cuda_graphs and device.type == "cuda":
-        model.enable_cuda_graphs(int(cfg.graph_bucket))
+    graphed = GraphedSegmentor(model, int(cfg.graph_bucket)) if cfg.cuda_graphs and device.type == "cuda" else None
+    runner: Segmentor | GraphedSegmentor = graphed if graphed is not None else model
+
+    def forward(images: torch.Tensor) -> SegOutput:
+        return graphed(images) if graphed is not None else model(images, keep_stages=False)
 
     def infer(i: int, dense: bool, upsample: bool = True) -> None:
         """``segment`` (labels at the input size: what a user gets), or the forward alone (token-grid logits)."""
@@ -147,25 +151,23 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         images = inputs(i)[0].to(infer_dtype)
         with torch.no_grad(), infer_autocast, (model.dense_mode() if dense else nullcontext()):
             if upsample:
-                model.segment(images)
+                runner.segment(images)
             else:
-                model(images, keep_stages=False)
+                forward(images)
 
     model.eval()
     graph_diff = None
-    if model.graphs is not None:
+    if graphed is not None:
         if real is None:
             recorded.set_keep(masks[0])
         with torch.no_grad(), infer_autocast:
-            replayed = model(inputs(0)[0].to(infer_dtype), keep_stages=False).logits.float()
-            graphs, model.graphs = model.graphs, None
+            replayed = graphed(inputs(0)[0].to(infer_dtype)).logits.float()
             eager = model(inputs(0)[0].to(infer_dtype), keep_stages=False).logits.float()
-            model.graphs = graphs
         graph_diff = float((replayed - eager).abs().max() / eager.abs().max())
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                               "torch": torch.__version__, "backbone": model.backbone.name, "batch_size": B,
                               "input_size": list(size), "dtype": cfg.dtype, "precision": cfg.precision,
-                              "cuda_graphs": model.graphs is not None, "compile": bool(cfg.compile),
+                              "cuda_graphs": graphed is not None, "compile": bool(cfg.compile),
                               "graph_vs_eager_rel_diff": graph_diff,
                               "decisions": "model" if real is not None else f"keep {list(cfg.keep)} ± {cfg.keep_spread}"}
     dense_t = _measure(lambda i: infer(i, True), cfg.warmup, cfg.iters, device)
@@ -177,7 +179,7 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         for i in range(4 if real is None else 1):
             if real is None:
                 recorded.set_keep(masks[i])
-            out = model(inputs(i)[0].to(infer_dtype), keep_stages=False)
+            out = forward(inputs(i)[0].to(infer_dtype))
             macs.append(float(out.stats["macs"].mean()))
             tokens = out.stats["tokens_per_stage"].float().mean(0)
     dense_macs = model.dense_macs(*size)[0]

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Subset
 
 from dtop.cli.common import CONFIG_PATH, build, log, make_trainer, print_config_tree
 from dtop.data.base import seg_collate
-from dtop.lit.module import load_model_weights
+from dtop.checkpoint import load_model_weights
 
 # ------------------------------------------------------------------------- sweep objective
 
@@ -150,7 +150,7 @@ def run_calibration(cfg: DictConfig) -> dict[str, Any]:
         load_model_weights(module.model, cfg.ckpt_path)
     loader = calibration_loader(dm, c.get("max_images"), c.get("subset_seed"))
     trainer = make_trainer(cfg, logger=False, enable_model_summary=False, enable_progress_bar=False)
-    policy = module.model.policy
+    policy = module.model.pruning
     key = c.get("gmacs_key") or "gmacs"
 
     def run() -> dict[str, Any]:
@@ -186,7 +186,7 @@ def run_calibration(cfg: DictConfig) -> dict[str, Any]:
 
 
 def write_outputs(out: Path, table: pd.DataFrame, result: dict[str, Any]) -> None:
-    from dtop.lit.dashboard import plot_tradeoff
+    from dtop.viz import plot_tradeoff
 
     out.mkdir(parents=True, exist_ok=True)
     table.drop(columns=["xi_min", "gmacs_target"]).to_csv(out / "calibration.csv", index=False)

@@ -16,7 +16,8 @@ from rich.table import Table
 from rich.tree import Tree
 
 from dtop.data.base import SegDataModule
-from dtop.lit.module import SegModule, load_model_weights
+from dtop.checkpoint import load_model_weights
+from dtop.lit.module import SegModule
 from dtop.models.engine import Segmentor
 
 log = logging.getLogger("dtop")
@@ -74,7 +75,7 @@ def evaluate_checkpoint(cfg: DictConfig, dm: SegDataModule, module: SegModule, t
     writer = trainer.is_global_zero
     if writer:
         table.to_parquet(out_dir / "per_image.parquet", index=False)
-    metrics["threshold"] = list(module.model.policy.threshold)
+    metrics["threshold"] = list(module.model.pruning.threshold)
     if eval_dense:
         with module.model.dense_mode():
             dense, dense_table = evaluate(trainer, module, dm)

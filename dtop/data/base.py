@@ -12,16 +12,16 @@ Collated by :func:`seg_collate` into ``image [B, 3, H, W]``, ``label [B, H, W]``
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
-from dtop.lit.distributed import eval_sampler
+from dtop.data.sampler import EpochSeededRandomSampler, eval_sampler
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "EpochSeededRandomSampler", "SegDataModule", "seg_collate"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SegDataModule", "seg_collate"]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -56,35 +56,6 @@ def seg_collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
         else:
             out[key] = values
     return out
-
-
-class EpochSeededRandomSampler(Sampler[int]):
-    """Random permutation that depends only on ``(seed, epoch)``.
-
-    Lightning calls ``set_epoch`` on the train sampler at the start of every epoch (also
-    after resuming from a checkpoint, with the restored epoch), so the data order of epoch
-    ``e`` is the same whether or not the run was interrupted. A plain ``RandomSampler``
-    with a seeded generator would instead restart from the epoch-0 order after a resume,
-    because the generator's state is not checkpointed.
-    """
-
-    def __init__(self, num_samples: int, seed: int) -> None:
-        if num_samples < 1:
-            raise ValueError(f"cannot sample from an empty dataset (num_samples={num_samples})")
-        self.num_samples = num_samples
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator()
-        g.manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.num_samples
 
 
 class SegDataModule(L.LightningDataModule):
@@ -170,7 +141,7 @@ class SegDataModule(L.LightningDataModule):
         )
 
     # Under DDP the eval loaders shard without padding (each image on exactly one rank, in whole single-device
-    # batches): see dtop.lit.distributed. On one device the sampler is None, i.e. sequential.
+    # batches): see dtop.data.sampler. On one device the sampler is None, i.e. sequential.
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, "val", batch_size=self.val_batch_size, shuffle=False,
                             sampler=eval_sampler(self.val_dataset, self.val_batch_size))

@@ -1,8 +1,9 @@
 """Varlen self-attention over a packed token stream, forward only, in Triton.
 
 Why: pruned streams cannot take cuDNN (a new plan per sequence length; its ragged mode cannot be
-captured in a CUDA graph), and ATen's flash varlen (FA2) reached only 148–191 TFLOP/s on an H100
-for the 300–900-token segments of pruned 512² streams. On Hopper Triton compiles ``tl.dot`` to wgmma; this kernel is FA2's algorithm
+captured in a CUDA graph), and ATen's flash varlen (FA2) runs far below the chip's rate on the
+300–900-token segments of pruned 512² streams (docs/performance.md). On Hopper Triton compiles
+``tl.dot`` to wgmma; this kernel is FA2's algorithm
 (online softmax over key blocks, one program per query block, segment and head) without the backward,
 for inference.
 
@@ -19,9 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Tiles from `scripts/bench_attention.py --sweep` on an H100 (docs/results/attention_sweep_h100.txt):
-# 64×64, 4 warps, 3 stages for segments of ≲1k tokens (ViT-B/L at 512²: 1.1–1.4× FA2's speed),
-# 128×64 with 8 warps for ~5k-token segments (1024×2048: 1.2–1.4×).
+# Tiles chosen by `tools/dev/bench_attention.py --sweep` (docs/performance.md): short segments (≲1k tokens,
+# ViT-B/L at 512²) and long ones (~5k tokens, 1024×2048) prefer different tiles.
 SHORT = (64, 64, 4, 3)  # BLOCK_M, BLOCK_N, warps, stages for max_len ≤ LONG_FROM
 LONG = (128, 64, 8, 3)
 LONG_FROM = 2048

@@ -1,12 +1,11 @@
 """Pixel cross-entropy on [B, K, H, W] logit maps as Triton kernels: a plain pair and an upsampling pair.
 
 Why: a 150-class map upsampled to 512² is 300 M logits per batch of 8. The stock path (cast to
-fp32, channel-strided log-softmax, NLL, then the same passes backwards) moves ~12 GB per map and took
-~40 % of a ViT-B training step on an H100, a cost that token pruning cannot touch. Here the forward
-reads the logits once (online log-sum-exp over the classes, fp32 accumulation) and keeps only the
-per-pixel log-sum-exp; the backward reads them once more and writes the gradient in the logits'
-dtype, with no fp32 copy of the map (upsampling included, 7.1 → 1.6 ms fwd+bwd and 3.7 → 1.3 GiB
-peak at batch 8 on an H100: ``scripts/bench_loss.py``).
+fp32, channel-strided log-softmax, NLL, then the same passes backwards) moves ~12 GB per map, a
+large share of a ViT-B training step that token pruning cannot touch. Here the forward reads the
+logits once (online log-sum-exp over the classes, fp32 accumulation) and keeps only the per-pixel
+log-sum-exp; the backward reads them once more and writes the gradient in the logits' dtype, with no
+fp32 copy of the map (measurements: docs/performance.md, ``tools/dev/bench_loss.py``).
 
 The kernels read NCHW directly: a program owns a run of contiguous pixels of one image and walks the
 class axis, so every load is coalesced. Results equal ``F.cross_entropy(..., reduction="sum")`` up to
@@ -21,8 +20,7 @@ The upsampling pair (``_up_ce_*``) goes further for the maps a training step act
 logits bilinearly upsampled to the labels. The map is kept factored as ``A @ colsᵀ`` (``A`` resized
 along rows only, 16× smaller for ViT/16); each program computes one row's logits tile by tile as a
 tensor-core product and never writes them, and the backward reduces the row's gradient straight into
-``dA``. H100, ``scripts/bench_loss.py 32``: 5.58 → 3.66 ms fwd+bwd against the plain kernels on the
-materialised map, peak 4979 → 479 MiB (stock PyTorch: 27.7 ms, 14.5 GiB).
+``dA``.
 
 Import this module only where Triton exists; :func:`dtop.losses.cross_entropy` picks it for CUDA maps.
 """
@@ -34,13 +32,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# (pixels, classes) per tile and warps, the fastest of a sweep on an H100 for 150 classes at 512², bf16:
-# forward 0.32 ms (one read of the map: 0.19 ms at full bandwidth), backward 0.45 ms (ideal 0.38 ms)
+# (pixels, classes) per tile and warps: the fastest of a sweep for 150 classes at 512², bf16 (docs/performance.md)
 FORWARD = (512, 32, 4)
 BACKWARD = (128, 32, 4)
-# (pixels of a row, classes) per tile and warps for the upsampling kernels, the fastest of scripts/sweep_ce_tiles.py
-# on an H100 (32² → 512², 150 classes, bf16; two runs): forward 0.46 / 1.51–1.54 ms, backward 0.44–0.53 /
-# 1.66–1.86 ms at batch 8 / 32 (the backward's ranking is noisy: it is timed as fwd+bwd minus fwd)
+# (pixels of a row, classes) per tile and warps for the upsampling kernels: the fastest of tools/dev/sweep_ce_tiles.py
+# (32² → 512², 150 classes, bf16; docs/performance.md)
 UP_FORWARD = (128, 32, 2)
 UP_BACKWARD = (128, 64, 4)
 # widest low-resolution map the upsampling kernels take (one tile holds a whole source row)

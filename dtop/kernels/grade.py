@@ -5,7 +5,7 @@ the fp32 cast and canvas write, the class probabilities and their max, the exit 
 exit-stage write and the keep mask. At batch 1 each is a few microseconds of launch and tail, the
 same order as the work pruning saves. Here each program takes a tile of tokens and does all of it.
 
-Same results as :func:`dtop.models.policies.grade_reference` (tests compare them under Triton's
+Same results as :func:`dtop.ops.grade.grade_reference` (tests compare them under Triton's
 interpreter); import this module only where Triton exists.
 """
 
@@ -67,7 +67,7 @@ def _grade(logits_ptr, presence_ptr, batch_ptr, pos_ptr, canvas_ptr, exit_ptr, m
 def grade(logits: Tensor, presence: Tensor | None, sigmoid: bool, batch: Tensor, pos: Tensor, num_patches: int,
           canvas: Tensor, exit_stage: Tensor, stage: int, threshold: float, mask: Tensor | None, final: bool
           ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """(conf, cls, easy, keep or None): see :func:`dtop.models.policies.grade_reference`."""
+    """(conf, cls, easy, keep or None): see :func:`dtop.ops.grade.grade_reference`."""
     T, K = logits.shape
     dev = logits.device
     logits = logits.contiguous()

@@ -1,7 +1,7 @@
 """Bilinear upsampling of a class map fused with the per-pixel argmax.
 
 Why: a prediction only needs each pixel's class, but upsampling 150 fp32 class maps to 512² writes
-1.26 GB at batch 8 (~0.9 ms on an H100, dense and pruned alike) to read it once for the argmax.
+1.26 GB at batch 8, dense and pruned alike, to read it once for the argmax.
 Here each program takes a block of up to ``RUN``×``RUN`` pixels that mix the same four
 low-resolution class vectors, interpolates them in registers row by row and writes only the labels.
 
@@ -16,9 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dtop.models.resize import RUN, Taps
-
-WARPS = (2, 4)  # per program, up to 32 classes / more (H100: scripts/bench_labels.py --sweep)
+WARPS = (2, 4)  # per program, up to 32 classes / more (chosen by tools/dev/bench_labels.py --sweep)
 
 
 @triton.jit(do_not_specialize=["h", "w", "H", "W"])
@@ -61,20 +59,23 @@ def _labels(low_ptr, presence_ptr, out_ptr, row_runs, row_w, col_runs, col_w, h,
         tl.store(out_ptr + (b * H + y) * W + first_x + xs, label.to(tl.int64), mask=xs < width)
 
 
-def upsampled_argmax(logits: Tensor, presence: Tensor | None, sigmoid: bool, rows: Taps, cols: Taps) -> Tensor:
-    """Labels [B, H, W] (int64) of the token-grid ``logits`` [B, K, h, w] resized by ``rows``/``cols``.
+def upsampled_argmax(logits: Tensor, presence: Tensor | None, sigmoid: bool, row_runs: Tensor, row_weights: Tensor,
+                     col_runs: Tensor, col_weights: Tensor, run: int) -> Tensor:
+    """Labels [B, H, W] (int64) of the token-grid ``logits`` [B, K, h, w] resized along rows and columns.
 
-    Scores are the logits, or with ``sigmoid`` their sigmoid times ``presence``'s [B, K] when given.
+    Each axis's resize is given as runs ([R, 4] int32: first input, second input, first output, number
+    of outputs ≤ ``run``) and the two inputs' weights per output ([out, 2] float32). Scores are the
+    logits, or with ``sigmoid`` their sigmoid times ``presence``'s [B, K] when given.
     """
     B, K, h, w = logits.shape
-    H, W = rows.weights.shape[0], cols.weights.shape[0]
+    H, W = row_weights.shape[0], col_weights.shape[0]
     low = logits.permute(0, 2, 3, 1).contiguous()  # a view already for the engine's maps
     out = torch.empty(B, H, W, dtype=torch.long, device=logits.device)
     if out.numel():
         presence_t = presence.contiguous() if presence is not None else low
         block_k = max(16, triton.next_power_of_2(K))
-        _labels[(rows.runs.shape[0], cols.runs.shape[0], B)](
-            low, presence_t, out, rows.runs, rows.weights, cols.runs, cols.weights, h, w, H, W, K=K,
-            SIGMOID=sigmoid, PRESENCE=presence is not None, RUN=RUN, BLOCK_K=block_k,
+        _labels[(row_runs.shape[0], col_runs.shape[0], B)](
+            low, presence_t, out, row_runs, row_weights, col_runs, col_weights, h, w, H, W, K=K,
+            SIGMOID=sigmoid, PRESENCE=presence is not None, RUN=run, BLOCK_K=block_k,
             num_warps=WARPS[block_k > 32])
     return out

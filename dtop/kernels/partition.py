@@ -7,7 +7,7 @@ reductions) — each a few microseconds of launch and tail, a real share of a ba
 a running count of kept tokens places every token: in one program for a short stream, over a grid
 of chunks (count, place, offsets) for a long one.
 
-Same results as :func:`dtop.models.packed.partition_reference` (tests compare them under Triton's
+Same results as :func:`dtop.ops.partition.partition_reference` (tests compare them under Triton's
 interpreter); import this module only where Triton exists.
 """
 
@@ -125,14 +125,14 @@ def _finish(cu_ptr, run_ptr, counts_ptr, cu_out_ptr, stats_ptr, T, n_img, chunks
 def partition(flag: Tensor, batch: Tensor, pos: Tensor, cu_seqlens: Tensor, n_img: int, rest_batch: int,
               num_patches: int, absorb: bool, out: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(order, batch, pos, cu_seqlens, stats): see :func:`dtop.models.packed.partition_reference`.
+    """(order, batch, pos, cu_seqlens, stats): see :func:`dtop.ops.partition.partition_reference`.
 
     ``out``: contiguous (batch, pos, cu_seqlens, stats) tensors to write into (the kernel writes the
     first T, n_img + 1 and 4 elements), sparing the copies into CUDA-graph buffers.
 
     A stream of up to ``MAX_BLOCK`` tokens takes one program (one launch: batch-1 streams are
     latency-bound). A longer one takes three launches over a grid of chunks — one program walking
-    8k tokens took ~30 µs on an H100, a serial floor the grid removes.
+    thousands of tokens is a serial floor the grid removes (docs/performance.md).
     """
     T = flag.shape[0]
     dev = flag.device

@@ -46,7 +46,7 @@ class ThresholdAnnealing(L.Callback):
     Give ``iters`` (optimizer steps) or ``ratio`` (that fraction of the fit's total steps,
     ``trainer.estimated_stepping_batches``, resolved at fit start).
 
-    The target is whatever ``pl_module.model.policy.threshold`` holds at fit start (one value or one
+    The target is whatever ``pl_module.model.pruning.threshold`` holds at fit start (one value or one
     per stage). The annealed value follows ``trainer.global_step`` — the number of optimizer steps
     done — so a resumed run continues the ramp where it stopped. ``validate_at_target=False`` leaves
     validation during fit at the current annealed ξ instead (then early checkpoints are scored with
@@ -71,7 +71,7 @@ class ThresholdAnnealing(L.Callback):
 
     @staticmethod
     def _policy(pl_module: L.LightningModule) -> Any:
-        return pl_module.model.policy
+        return pl_module.model.pruning
 
     def _set(self, pl_module: L.LightningModule, values: tuple[float, ...]) -> None:
         self._policy(pl_module).set_threshold(values)

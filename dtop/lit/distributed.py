@@ -25,85 +25,23 @@ sequential sampler and the rows are returned as they are.
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Sequence, Sized
+from collections.abc import Sequence
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from torch import nn
-from torch.utils.data import DistributedSampler, Sampler
+from torch.utils.data import Sampler
 
-__all__ = ["EvalDistributedSampler", "SegDDPStrategy", "all_gather_objects", "dist_rank_world", "eval_loader_sampler",
-           "eval_sampler", "gather_eval_rows", "gather_eval_visuals", "may_skip_heads", "shard_indices"]
+from dtop.data.sampler import EvalDistributedSampler, dist_rank_world
+
+__all__ = ["SegDDPStrategy", "all_gather_objects", "eval_loader_sampler", "gather_eval_rows", "gather_eval_visuals"]
 
 # The eval scalars are logged with sync_dist=False on purpose: after the confusion-matrix sum and the
 # row gather they are already global and identical on every rank (a mean-reduce would only add
 # rounding), and rank_zero_only=True would hide val/mIoU from ModelCheckpoint on the other ranks.
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(val|test)/")
-
-
-def dist_rank_world() -> tuple[int, int]:
-    """``(rank, world_size)`` of the default process group, or ``(0, 1)`` without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def shard_indices(num_samples: int, world_size: int, rank: int, batch_size: int = 1) -> list[int]:
-    """Dataset indices that ``rank`` evaluates, in order; the shards of all ranks partition the data.
-
-    Whole batches of the sequential single-device loader go round-robin to the ranks; with fewer
-    batches than ranks, single images do. Every rank gets at least one image.
-    """
-    if world_size < 1 or not 0 <= rank < world_size or batch_size < 1:
-        raise ValueError(f"bad shard request: world_size={world_size}, rank={rank}, batch_size={batch_size}")
-    if num_samples < world_size:
-        raise ValueError(f"cannot evaluate {num_samples} images on {world_size} processes without repeating "
-                         "some (every rank must run at least one batch). Evaluate on fewer devices.")
-    num_batches = math.ceil(num_samples / batch_size)
-    if num_batches < world_size:
-        return list(range(rank, num_samples, world_size))
-    return [i for b in range(rank, num_batches, world_size)
-            for i in range(b * batch_size, min((b + 1) * batch_size, num_samples))]
-
-
-class EvalDistributedSampler(DistributedSampler):
-    """Non-padding, batch-aligned eval sharding (see the module docstring); no shuffling, no epochs."""
-
-    def __init__(self, dataset: Sized, batch_size: int = 1, num_replicas: int | None = None,
-                 rank: int | None = None) -> None:
-        if num_replicas is None or rank is None:
-            r, w = dist_rank_world()
-            num_replicas = w if num_replicas is None else num_replicas
-            rank = r if rank is None else rank
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False,  # type: ignore[arg-type]
-                         drop_last=False)
-        self.batch_size = batch_size
-        self.total_size = len(dataset)
-        self.indices = shard_indices(self.total_size, num_replicas, rank, batch_size)
-        self.num_samples = len(self.indices)
-
-    def rank_indices(self, rank: int) -> list[int]:
-        """The dataset indices of any rank's shard, in the order that rank evaluates them."""
-        return shard_indices(self.total_size, self.num_replicas, rank, self.batch_size)
-
-    def __iter__(self):  # type: ignore[override]
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
-def eval_sampler(dataset: Sized | None, batch_size: int) -> EvalDistributedSampler | None:
-    """The sampler for a val/test loader: sharding under DDP, ``None`` (sequential) otherwise."""
-    rank, world = dist_rank_world()
-    if dataset is None or world == 1:
-        return None
-    return EvalDistributedSampler(dataset, batch_size, world, rank)
 
 
 def eval_loader_sampler(trainer: Any, stage: str) -> Sampler | None:
@@ -186,30 +124,11 @@ def gather_eval_visuals(visuals: list[Any], sampler: Sampler | None, limit: int)
 
 
 # --------------------------------------------------------------------------------------------- training
-def may_skip_heads(policy: nn.Module) -> bool:
-    """Whether a training step can run a later head on no token at all on one rank.
-
-    DToP removes exited tokens from the stream; when every token of a (local) batch has left, the
-    policy skips the later aux heads and the decode head, so their parameters get no gradient on that
-    rank. Per-class context (``topk``/``avg_topk`` with k ≥ 1) always keeps tokens and fixed ratios
-    below 1 always keep one; DoViT runs every head on the full reconstructed map.
-    """
-    from dtop.models.policies import DToP
-
-    if not isinstance(policy, DToP):
-        return False
-    if policy.context == "fixed_ratio":
-        return bool((torch.as_tensor(policy.ratio) >= 1).any())
-    if policy.context in ("topk", "avg_topk"):
-        return policy.k < 1
-    return True  # remove / average: everything confident enough leaves
-
-
 class SegDDPStrategy(DDPStrategy):
     """Lightning's ``DDPStrategy`` that refuses a setting that would deadlock instead of training.
 
     With ``sync_batchnorm`` every BatchNorm in the heads is a collective. A head that one rank skips
-    (see :func:`may_skip_heads`) is a collective that rank never joins, so the ranks hang or pair up
+    (:meth:`Policy.can_starve_heads <dtop.models.policies.base.Policy.can_starve_heads>`) is a collective that rank never joins, so the ranks hang or pair up
     mismatched collectives. ``find_unused_parameters=True`` covers the gradient side of a skipped head
     (its parameters are reduced with a zero contribution) but not that. Without ``sync_batchnorm``
     such policies train fine.
@@ -218,8 +137,8 @@ class SegDDPStrategy(DDPStrategy):
     def setup(self, trainer: Any) -> None:
         distributed = self.num_nodes * self.num_processes > 1
         if trainer.state.fn == TrainerFn.FITTING and self._layer_sync is not None and distributed:
-            policy = getattr(getattr(self.lightning_module, "model", None), "policy", None)
-            if policy is not None and may_skip_heads(policy):
+            policy = getattr(getattr(self.lightning_module, "model", None), "pruning", None)
+            if policy is not None and policy.can_starve_heads():
                 raise ValueError(
                     f"{type(policy).__name__}(context={getattr(policy, 'context', None)!r}) can leave a head without "
                     "tokens on one GPU, and with trainer.sync_batchnorm=true that GPU would skip the head's "

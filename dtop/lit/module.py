@@ -4,63 +4,19 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
+from dtop.checkpoint import load_model_weights
 from dtop.inference import resize_logits, slide_inference
 from dtop.lit.distributed import eval_loader_sampler, gather_eval_rows, gather_eval_visuals
 from dtop.losses import feature_mse, kl_distillation
 from dtop.metrics import SegMetrics, format_metrics
 from dtop.models.engine import SegOutput, Segmentor
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or does not fit the configured model."""
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"Checkpoint not found: {path}. Pass ckpt_path=<run dir>/checkpoints/last.ckpt or best.")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - every read failure means the same to the user
-        raise CheckpointError(f"Checkpoint {path} is unreadable or truncated ({type(err).__name__}: {err}). "
-                              "Use another checkpoint (e.g. last.ckpt vs the best one) or re-train.") from err
-
-
-def model_state(ckpt: dict[str, Any], path: str | Path) -> dict[str, Tensor]:
-    """The segmentor's weights from a Lightning checkpoint of :class:`SegModule`."""
-    state = ckpt.get("state_dict")
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} is not a dtop Lightning checkpoint (no 'state_dict').")
-    return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-
-
-def load_model_weights(model: nn.Module, ckpt_path: str | Path, skip_aux: bool = False) -> list[str]:
-    """Load a checkpoint's segmentor weights; with ``skip_aux``, aux heads may differ (returns skipped keys).
-
-    A distillation teacher and a fine-tuning start only need the backbone and decode head: their
-    aux heads (e.g. DoViT's 1×1 heads at other layers than the dense model's) start fresh.
-    """
-    state = model_state(read_checkpoint(ckpt_path), ckpt_path)
-    own = model.state_dict()
-    skipped: list[str] = []
-    if skip_aux:
-        skipped = [k for k in set(state) | set(own) if k.startswith("aux_heads.")
-                   and (k not in state or k not in own or state[k].shape != own[k].shape)]
-        state = {k: v for k, v in state.items() if k not in skipped}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in skipped]
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt_path} does not fit the configured model (missing {missing[:4]}, unexpected "
-                              f"{unexpected[:4]}). Compose the same model/experiment as at training "
-                              "(see the run's .hydra/overrides.yaml).")
-    return skipped
+from dtop.models.graphs import GraphedSegmentor
 
 
 class SegModule(L.LightningModule):
@@ -111,7 +67,7 @@ class SegModule(L.LightningModule):
             if not teacher_ckpt:
                 raise ValueError("kl_weight/mse_weight > 0 need model teacher: set module.teacher_ckpt to a dense checkpoint.")
             teacher = copy.deepcopy(model)
-            teacher.policy.enabled = False
+            teacher.pruning.enabled = False
             load_model_weights(teacher, teacher_ckpt, skip_aux=True)
             teacher.requires_grad_(False).eval()
             self._teacher.append(teacher)
@@ -121,6 +77,7 @@ class SegModule(L.LightningModule):
         self.max_visuals = 8  # eval images whose exit maps and predictions are kept for dashboards
         self.visuals: list[dict[str, Any]] = []
         self.last_eval: dict[str, Any] = {}
+        self._graphed: GraphedSegmentor | None = None  # inference replayed as CUDA graphs (see on_test_start)
 
     # ---------------------------------------------------------------- training
     def on_fit_start(self) -> None:
@@ -212,13 +169,13 @@ class SegModule(L.LightningModule):
             collected.append(out.stats)
 
         def forward(crop: Tensor) -> Tensor:
-            scores, out = self.model.predict(crop)
+            scores, out = self._inference.predict(crop)
             collect(crop, out)
             return scores
 
         whole = hp.eval_mode == "whole" or hp.crop_size is None
         if whole and tuple(images.shape[-2:]) == size:  # labels straight from the token grid, no score maps
-            labels, out = self.model.segment(images)
+            labels, out = self._inference.segment(images)
             collect(images, out)
             return labels, collected[0]
         if whole:
@@ -253,9 +210,13 @@ class SegModule(L.LightningModule):
             row.update({f"exits_s{s}_c{c}": n for s, per in enumerate(per_class[i]) for c, n in enumerate(per)})
             self.per_image.append(row)
 
+    @property
+    def _inference(self) -> Segmentor | GraphedSegmentor:
+        return self._graphed if self._graphed is not None else self.model
+
     def on_test_start(self) -> None:
-        if self.hparams.cuda_graphs and self.device.type == "cuda" and self.model.graphs is None:
-            self.model.enable_cuda_graphs()
+        if self.hparams.cuda_graphs and self.device.type == "cuda" and self._graphed is None:
+            self._graphed = GraphedSegmentor(self.model)
 
     def on_validation_epoch_start(self) -> None:
         self.per_image, self.visuals = [], []

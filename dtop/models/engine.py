@@ -9,22 +9,21 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dtop.kernels import load
+from dtop.models.blocks import blocks_forward
 from dtop.models.heads.base import SegHead
 from dtop.models.macs import block_coefficients, blocks_macs, patch_embed_macs
-from dtop.models.resize import Upsampled, resize_operator, resize_taps
-from dtop.models.packed import TokenStream, blocks_forward
-from dtop.models.policies import Decision, DToP, Policy, RunState
+from dtop.models.packed import TokenStream
+from dtop.models.policies import Decision, DToP, Policy
+from dtop.models.state import RunState
 from dtop.models.vit import ViTBackbone
-
-if TYPE_CHECKING:
-    from dtop.models.graphs import StageGraphs
+from dtop.ops import labels as label_op
+from dtop.ops.resize import Upsampled
 
 
 @dataclass
@@ -48,10 +47,10 @@ def _chains(logits: Tensor, out: SegOutput, size: tuple[int, int] | None) -> lis
 
 
 class Segmentor(nn.Module):
-    """Backbone + aux heads at ``prune_layers`` (1-based layer indices) + decode head + policy."""
+    """Backbone + aux heads at ``prune_layers`` (1-based layer indices) + decode head + ``pruning`` policy."""
 
     def __init__(self, backbone: ViTBackbone, decode_head: SegHead, aux_heads: Sequence[SegHead] = (),
-                 prune_layers: Sequence[int] = (), policy: Policy | None = None) -> None:
+                 prune_layers: Sequence[int] = (), pruning: Policy | None = None) -> None:
         super().__init__()
         prune_layers = [int(p) for p in prune_layers]
         depth = backbone.depth
@@ -71,25 +70,9 @@ class Segmentor(nn.Module):
         self.decode_head = decode_head
         self.aux_heads = nn.ModuleList(aux_heads)
         self.prune_layers = prune_layers
-        self.policy = policy if policy is not None else DToP(1.0)
-        self.graphs: StageGraphs | None = None
+        self.pruning = pruning if pruning is not None else DToP(1.0)
         self._dense_macs: dict[tuple[int, int], tuple[float, float]] = {}
         self._coefficients: dict[torch.device, Tensor] = {}
-
-    def enable_cuda_graphs(self, bucket: int = 64) -> None:
-        """Replay inference as CUDA graphs, one per run of stages between pruning decisions.
-
-        Applies on CUDA with fp16/bf16, no autograd, eval mode and ``keep_stages=False`` (what
-        :meth:`predict` uses); anything else runs eagerly. See :mod:`dtop.models.graphs`.
-        """
-        from dtop.models.graphs import StageGraphs
-
-        self.graphs = StageGraphs(bucket)
-
-    def _graphable(self, x: Tensor) -> bool:
-        half = (torch.float16, torch.bfloat16)
-        amp = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in half
-        return x.is_cuda and not torch.is_grad_enabled() and not self.training and (amp or x.dtype in half)
 
     @property
     def num_classes(self) -> int:
@@ -101,8 +84,6 @@ class Segmentor(nn.Module):
 
     def forward(self, images: Tensor, keep_stages: bool = True) -> SegOutput:
         """``keep_stages=False`` (inference) skips the per-stage maps that only the aux losses need."""
-        if self.graphs is not None and not keep_stages and self._graphable(images):
-            return self.graphs.run(self, images)
         stream, state, sizes = self.begin(images, keep_stages)
         for stage in range(self.num_stages):
             stream, keep, extra = self.run_stage(stage, stream, state)
@@ -112,13 +93,14 @@ class Segmentor(nn.Module):
 
     def prunes_after(self, stage: int) -> bool:
         """Whether inference may remove tokens after ``stage`` (else its aux head is not even run)."""
-        return stage < len(self.aux_heads) and self.policy.prunes_at(stage, len(self.aux_heads))
+        return stage < len(self.aux_heads) and self.pruning.prunes_at(stage, len(self.aux_heads))
 
     def begin(self, images: Tensor, keep_stages: bool, phantom: bool = False, state: RunState | None = None
               ) -> tuple[TokenStream, RunState, tuple[tuple[int, int], tuple[int, int]]]:
         """Embed the images (padded to patch multiples) and start the run's state.
 
-        ``phantom`` adds the padding image of CUDA-graph replay; a given ``state`` is reset in place.
+        ``phantom`` adds the padding image of graph replay (:mod:`dtop.models.state`); a given ``state``
+        is reset in place.
         Returns the stream, the state and (input size, padded size).
         """
         B, _, H, W = images.shape
@@ -147,9 +129,9 @@ class Segmentor(nn.Module):
         state.lengths[:, stage] = stream.cu_seqlens.diff()
         stream = blocks_forward(self.stage_blocks(stage), stream)
         if stage == self.num_stages - 1:
-            self.policy.finish(stream, self.decode_head, self.backbone.norm, state)
+            self.pruning.finish(stream, self.decode_head, self.backbone.norm, state)
         elif self.training or self.prunes_after(stage):
-            return self.policy.stage_end(stage, len(self.aux_heads), stream, self.aux_heads[stage], state)
+            return self.pruning.stage_end(stage, len(self.aux_heads), stream, self.aux_heads[stage], state)
         return stream, None, None
 
     def stage_blocks(self, stage: int) -> nn.ModuleList:
@@ -159,7 +141,7 @@ class Segmentor(nn.Module):
 
     def _block_coefficients(self, device: torch.device) -> Tensor:
         """[S, 2] float64: per stage, the blocks' (linear MACs per token, attention MACs per token pair)."""
-        if device not in self._coefficients:  # built by the eager warm-up, before any graph capture
+        if device not in self._coefficients:  # built by the first (eager) run, before any graph capture
             rows = [[float(sum(block_coefficients(b)[i] for b in self.stage_blocks(s))) for i in (0, 1)]
                     for s in range(self.num_stages)]
             self._coefficients[device] = torch.tensor(rows, dtype=torch.float64, device=device)
@@ -229,12 +211,12 @@ class Segmentor(nn.Module):
     @contextmanager
     def dense_mode(self) -> Iterator[None]:
         """Temporarily switch pruning off: the same model and heads, every token to the end."""
-        before = self.policy.enabled
-        self.policy.enabled = False
+        before = self.pruning.enabled
+        self.pruning.enabled = False
         try:
             yield
         finally:
-            self.policy.enabled = before
+            self.pruning.enabled = before
 
     def dense_macs_parts(self, height: int, width: int) -> list[tuple[str, float, float]]:
         """(part, macs, macs_linear) of the unpruned model at inference for one H×W image.
@@ -262,32 +244,26 @@ class Segmentor(nn.Module):
 
     def upsampled(self, logits: Tensor, out: SegOutput, size: tuple[int, int] | None = None) -> Upsampled:
         """Token-grid logits → the input's pixels (crop the padding), then optionally to ``size``; factored."""
-        return Upsampled(logits, *(resize_operator(*chain, logits.device) for chain in _chains(logits, out, size)))
+        return label_op.upsampled(logits, _chains(logits, out, size))
 
     def upsample(self, logits: Tensor, out: SegOutput, size: tuple[int, int] | None = None) -> Tensor:
         """:meth:`upsampled`, materialised: [B, K, H, W]."""
         return self.upsampled(logits, out, size).dense()
 
+    def scores(self, out: SegOutput, size: tuple[int, int] | None = None) -> Tensor:
+        """Per-pixel class scores [B, K, H, W] of an output at ``size`` (or the input size)."""
+        return self.decode_head.scores(self.upsample(out.logits, out, size), out.presence)
+
+    def labels(self, out: SegOutput, size: tuple[int, int] | None = None) -> Tensor:
+        """Per-pixel classes [B, H, W] at ``size`` (or the input size): the argmax of :meth:`scores`,
+        without forming the score maps where a kernel can (:mod:`dtop.ops.labels`)."""
+        head = self.decode_head
+        return label_op.labels(out.logits, out.presence, head.scores, head.scoring_rule, _chains(out.logits, out, size))
+
     def predict(self, images: Tensor, size: tuple[int, int] | None = None) -> tuple[Tensor, SegOutput]:
         """Per-pixel class scores [B, K, H, W] (at ``size`` or the input size) and the raw output."""
         out = self(images, keep_stages=False)
-        return self.decode_head.scores(self.upsample(out.logits, out, size), out.presence), out
-
-    def labels(self, out: SegOutput, size: tuple[int, int] | None = None) -> Tensor:
-        """Per-pixel classes [B, H, W] at ``size`` (or the input size): the argmax of :meth:`predict`'s scores.
-
-        On CUDA one kernel interpolates and takes the argmax without forming the class maps (at
-        batch 8 their upsampling cost about what pruning saves on a ViT-B forward); elsewhere, or for
-        a head with its own ``scores`` or a resize that mixes more than two inputs per pixel, PyTorch.
-        """
-        head, logits = self.decode_head, out.logits
-        kernel = load("labels") if logits.is_cuda else None
-        if kernel is not None and type(head).scores is SegHead.scores and head.grading in ("softmax", "sigmoid"):
-            taps = [resize_taps(*chain, logits.device) for chain in _chains(logits, out, size)]
-            if taps[0] is not None and taps[1] is not None:
-                sigmoid = head.grading == "sigmoid"
-                return kernel.upsampled_argmax(logits, out.presence if sigmoid else None, sigmoid, *taps)
-        return head.scores(self.upsample(logits, out, size), out.presence).argmax(1)
+        return self.scores(out, size), out
 
     def segment(self, images: Tensor, size: tuple[int, int] | None = None) -> tuple[Tensor, SegOutput]:
         """Per-pixel classes [B, H, W] (at ``size`` or the input size) and the raw output."""

@@ -8,25 +8,26 @@ tokens into a fixed buffer; the host then reads one small vector (the kept count
 segment: the one sync per pruning stage) and replays the graph of the next group for that size.
 
 Graphs need fixed shapes: the next group runs a token count rounded up to a bucket, and the tokens
-past the kept ones form a phantom image (see :class:`~dtop.models.packed.TokenStream`) whose results
-are dropped. The code inside a graph is the engine's own (``Segmentor.begin / run_stage /
-assemble``), so eager and replayed inference compute the same thing; the tests run this path
-without capture on the CPU and compare it with the eager one.
+past the kept ones form a phantom image whose results are dropped (the rules the engine keeps for
+this are in :mod:`dtop.models.state`). The code inside a graph is the engine's own
+(``Segmentor.begin / run_stage / assemble``), so eager and replayed inference compute the same
+thing; the tests run this path without capture on the CPU and compare it with the eager one.
+
+:class:`GraphedSegmentor` is the entry point: it wraps a :class:`~dtop.models.engine.Segmentor` and
+offers its inference methods, replayed where they can be and eager elsewhere.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass, replace
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
+from dtop.models.engine import SegOutput, Segmentor
 from dtop.models.packed import TokenStream
-from dtop.models.policies import RunState
-
-if TYPE_CHECKING:
-    from dtop.models.engine import SegOutput, Segmentor
+from dtop.models.state import RunState
 
 
 @dataclass
@@ -65,8 +66,8 @@ class StageGraphs:
 
     ``bucket``: token counts are rounded up to a multiple of max(bucket, 1/128 of the unpruned
     count), so the padding costs under 1 % of the dense work and one batch shape needs at most ~128
-    graphs per pruning stage (a step of 1/32 padded ViT-B batch 8's pruned stages by ~200 tokens on
-    average). Past ``max_graphs`` new sizes run the same code eagerly instead of capturing more.
+    graphs per pruning stage. Past ``max_graphs`` new sizes run the same code eagerly instead of
+    capturing more.
     """
 
     def __init__(self, bucket: int = 64, max_graphs: int = 256, capture: bool = True) -> None:
@@ -114,7 +115,7 @@ class StageGraphs:
                 groups.append((first, stage))
                 first = stage + 1
         amp = torch.get_autocast_dtype("cuda") if images.is_cuda and torch.is_autocast_enabled("cuda") else None
-        ckey = (tuple(images.shape), images.dtype, str(images.device), amp, model.policy.graph_key(), tuple(groups))
+        ckey = (tuple(images.shape), images.dtype, str(images.device), amp, model.pruning.graph_key(), tuple(groups))
         if ckey not in self.contexts:
             B, _, H, W = images.shape
             p = model.backbone.patch_size
@@ -179,7 +180,7 @@ class StageGraphs:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            saved = _state_tensors(ctx.state) if ctx.state is not None else []
+            saved = ctx.state.tensors() if ctx.state is not None else []
             backup = [t.clone() for t in saved]
             for _ in range(2):  # the first run also allocates lazily created buffers outside the pool
                 program()
@@ -194,10 +195,6 @@ class StageGraphs:
         return graph, out
 
 
-def _state_tensors(state: RunState) -> list[Tensor]:
-    return [getattr(state, f.name) for f in fields(state) if isinstance(getattr(state, f.name), Tensor)]
-
-
 def _clone(out: SegOutput) -> SegOutput:
     """Copy a replayed output out of the graph's buffers (the next replay overwrites them)."""
     def c(t: Tensor | None) -> Tensor | None:
@@ -205,3 +202,38 @@ def _clone(out: SegOutput) -> SegOutput:
 
     return replace(out, logits=c(out.logits), presence=c(out.presence), features=c(out.features),
                    stats={k: v.clone() for k, v in out.stats.items()}, stage_logits=[], stage_presence=[])
+
+
+class GraphedSegmentor:
+    """A :class:`~dtop.models.engine.Segmentor`'s inference, replayed as CUDA graphs where it can be.
+
+    Replays apply on CUDA with fp16/bf16 weights or autocast, without autograd, in eval mode; any other
+    call runs the model eagerly. Same results as the model (``segment``, ``predict`` and the forward
+    are the model's own code); a plain object, so wrapping adds no parameters or state-dict keys.
+    """
+
+    def __init__(self, model: Segmentor, bucket: int = 64, max_graphs: int = 256, capture: bool = True) -> None:
+        self.model = model
+        self.graphs = StageGraphs(bucket, max_graphs, capture)
+
+    def replayable(self, images: Tensor) -> bool:
+        half = (torch.float16, torch.bfloat16)
+        amp = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in half
+        graphable = images.is_cuda and (amp or images.dtype in half)
+        return (graphable or not self.graphs.capture) and not torch.is_grad_enabled() and not self.model.training
+
+    def __call__(self, images: Tensor) -> SegOutput:
+        """The model's inference forward (``keep_stages=False``)."""
+        if self.replayable(images):
+            return self.graphs.run(self.model, images)
+        return self.model(images, keep_stages=False)
+
+    def predict(self, images: Tensor, size: tuple[int, int] | None = None) -> tuple[Tensor, SegOutput]:
+        """:meth:`Segmentor.predict <dtop.models.engine.Segmentor.predict>`, replayed."""
+        out = self(images)
+        return self.model.scores(out, size), out
+
+    def segment(self, images: Tensor, size: tuple[int, int] | None = None) -> tuple[Tensor, SegOutput]:
+        """:meth:`Segmentor.segment <dtop.models.engine.Segmentor.segment>`, replayed."""
+        out = self(images)
+        return self.model.labels(out, size), out

@@ -152,8 +152,8 @@ class ViTBackbone(nn.Module):
 def _patch_embed(pe: nn.Module, images: Tensor) -> Tensor:
     """timm's ``PatchEmbed`` with its stride = kernel convolution computed as one matmul over patches.
 
-    The same function, but cuDNN's bf16 kernel for this conv took ~0.5 ms at batch 8 × 512² on an
-    H200 (a quarter of ViT-B's forward); the matmul runs at GEMM speed. Other layouts fall back.
+    The same function, but cuDNN's bf16 kernel for this conv was a large share of ViT-B's forward
+    (docs/performance.md); the matmul runs at GEMM speed. Other layouts fall back.
     """
     proj = getattr(pe, "proj", None)
     p = proj.kernel_size if isinstance(proj, nn.Conv2d) else None

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from dtop.losses import dice_loss, presence_loss, sigmoid_focal_loss
 from dtop.models.heads.base import HeadOutput, SegHead
 from dtop.models.packed import TokenStream
-from dtop.models.resize import Upsampled, dense
+from dtop.ops.resize import Upsampled, dense
 
 
 class ATMDecoderLayer(nn.Module):

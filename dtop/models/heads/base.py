@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from dtop.losses import cross_entropy
 from dtop.models.packed import TokenStream
-from dtop.models.resize import Upsampled
+from dtop.ops.resize import Upsampled
 
 
 @dataclass
@@ -40,6 +40,16 @@ class SegHead(nn.Module):
         outputs ignored, which spares policies a reorder of the stream at every stage end.
         """
         return False
+
+    @property
+    def grading_rule(self) -> str | None:
+        """The rule :meth:`token_probs` computes, for the kernels that implement it; None if overridden."""
+        return self.grading if type(self).token_probs is SegHead.token_probs else None
+
+    @property
+    def scoring_rule(self) -> str | None:
+        """The rule :meth:`scores` computes, for the kernels that implement it; None if overridden."""
+        return self.grading if type(self).scores is SegHead.scores else None
 
     def forward(self, x: Tensor, stream: TokenStream) -> HeadOutput:  # pragma: no cover - interface
         raise NotImplementedError

@@ -9,7 +9,7 @@ is one logit per (token, class), so the head fits the shared per-token interface
 
 Packed streams: each image's segment becomes [its tokens, its K class tokens] in one joint
 :class:`~dtop.models.packed.TokenStream`, built without a host sync, and the layers (timm ``Block``,
-weights named as timm's) run through :func:`~dtop.models.packed.block_forward`, i.e. attention
+weights named as timm's) run through :func:`~dtop.models.blocks.block_forward`, i.e. attention
 stays within each image. With DToP the class tokens therefore attend only to the image's tokens that
 are still active; with DoViT the head sees the full reconstructed map.
 
@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from dtop.models.heads.base import HeadOutput, SegHead
 from dtop.models.macs import blocks_macs
-from dtop.models.packed import TokenStream, block_forward
+from dtop.models.blocks import block_forward
+from dtop.models.packed import TokenStream
 
 
 def _per_image(t: Tensor, stream: TokenStream) -> tuple[Tensor, bool]:

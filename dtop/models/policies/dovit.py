@@ -1,0 +1,82 @@
+"""DoViT — Dynamic Token-Pass (Sec. 3.2 token pass and separate attention, Sec. 3.3 reconstruction).
+
+At each decision point the active tokens are put back into the full feature map over the stopped
+tokens' kept features (reconstruction), and the aux head grades the whole map. Tokens whose
+confidence exceeds ξ stop: they keep their features and skip every later block (the active tokens
+attend only among themselves). The cls token absorbs the mean of the stopped tokens (Eq. 8) once more
+than ``agg_rate`` of them have stopped, and the decode head predicts every token from the final
+reconstructed map.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from dtop.models.heads.base import SegHead
+from dtop.models.packed import TokenStream
+from dtop.models.policies.base import Decision, Policy
+from dtop.models.state import RunState
+
+
+class DoViT(Policy):
+    """Token pass with separate attention, reconstruction and cls merging.
+
+    ``diff_conf``: tokens whose confidence is *below* it stop as well (the official code's option for
+    tokens no later layer will make confident); ``merge_cls``: Eq. 8 on or off.
+    """
+
+    def __init__(self, threshold: float | Sequence[float] = 1.0, diff_conf: float | None = None,
+                 agg_rate: float = 0.1, merge_cls: bool = True) -> None:
+        super().__init__(threshold)
+        if diff_conf is not None and not 0.0 <= diff_conf <= 1.0:
+            raise ValueError(f"diff_conf must lie in [0, 1] or be null; got {diff_conf}.")
+        if not 0.0 <= agg_rate <= 1.0:
+            raise ValueError(f"agg_rate must lie in [0, 1]; got {agg_rate}.")
+        self.diff_conf, self.agg_rate, self.merge_cls = diff_conf, agg_rate, merge_cls
+
+    def prunes_at(self, stage: int, num_aux: int) -> bool:
+        return self.enabled and (self.diff_conf is not None or self.threshold_at(stage, num_aux) < 1.0)
+
+    def graph_key(self) -> tuple:
+        return super().graph_key() + (self.diff_conf, self.agg_rate, self.merge_cls)
+
+    def stage_end(self, stage: int, num_aux: int, stream: TokenStream, head: SegHead,
+                  state: RunState) -> Decision:
+        full = state.scatter_features(stream)  # reconstruction
+        fs = state.full_stream(full)
+        out = head(full, fs)
+        state.snapshot(out.logits.to(state.canvas.dtype), out.presence)
+        state.count_head(stage, head, "grid")
+        if not self.prunes_at(stage, num_aux):
+            return stream, None, None
+        conf = head.token_probs(out, fs).max(-1).values
+        stop = conf > self.threshold_at(stage, num_aux)
+        if self.diff_conf is not None:
+            stop = stop | (conf < self.diff_conf)
+        stopped = state.stop(stop, stage)
+        keep = ~stopped[state.flat(stream)]  # non-patch tokens map to the trash row, never stopped
+        if self.merge_cls and state.has_cls:
+            stream = self._merge_cls(stream, full, state)
+        return stream, keep, None
+
+    def _merge_cls(self, stream: TokenStream, full: Tensor, state: RunState) -> TokenStream:
+        """Eq. 8: cls ← ½(cls + mean of stopped tokens), once more than ``agg_rate`` have stopped."""
+        B, N, n = state.batch_size, state.num_patches, state.num_images
+        stopped = state.stopped[:-1].view(B, N)[:n]
+        count = stopped.sum(1)
+        mean = (full.view(B, N, -1)[:n] * stopped[..., None].to(full.dtype)).sum(1) / count.clamp(min=1)[:, None]
+        first = stream.cu_seqlens[:n].long()
+        cls = stream.x[first]
+        merged = torch.where((count.float() / N > self.agg_rate)[:, None], 0.5 * (cls + mean.to(cls.dtype)), cls)
+        return stream.with_x(stream.x.index_put((first,), merged))
+
+    def finish(self, stream: TokenStream, head: SegHead, norm: nn.Module, state: RunState) -> None:
+        """The decode head predicts every token from the final reconstructed map."""
+        full = state.scatter_features(stream)
+        out = head(norm(full), state.full_stream(full))
+        state.fill_canvas(out.logits)
+        state.count_head(state.num_stages - 1, head, "grid")
+        state.presence, state.features = out.presence, full
