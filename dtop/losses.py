@@ -10,16 +10,19 @@ from dtop.ops.cross_entropy import cross_entropy_sum
 from dtop.ops.resize import Upsampled
 
 
-def cross_entropy(logits: Tensor | Upsampled, target: Tensor, ignore_index: int = 255,
-                  class_weight: Tensor | None = None) -> Tensor:
+def cross_entropy(
+    logits: Tensor | Upsampled, target: Tensor, ignore_index: int = 255, class_weight: Tensor | None = None
+) -> Tensor:
     """Pixel CE over the labelled pixels of [B, K, H, W] logits (zero, not NaN, when none are labelled).
 
     Summed (:func:`~dtop.ops.cross_entropy.cross_entropy_sum`: fused kernels on CUDA, a factored map
     interpolated inside them), then divided by the labelled pixels' (class-weighted) count: no host sync.
     """
     if tuple(target.shape) != (logits.shape[0], *logits.shape[2:]):
-        raise ValueError(f"Labels of shape {tuple(target.shape)} do not match logits {tuple(logits.shape)} "
-                         "([B, K, H, W] logits need [B, H, W] labels).")
+        raise ValueError(
+            f"Labels of shape {tuple(target.shape)} do not match logits {tuple(logits.shape)} "
+            "([B, K, H, W] logits need [B, H, W] labels)."
+        )
     total = cross_entropy_sum(logits, target, ignore_index, class_weight)
     valid = target != ignore_index
     if class_weight is None:
@@ -29,8 +32,9 @@ def cross_entropy(logits: Tensor | Upsampled, target: Tensor, ignore_index: int 
     return total / denom.clamp(min=1e-12)
 
 
-def kl_distillation(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None,
-                    ignore_index: int = 255) -> Tensor:
+def kl_distillation(
+    student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None, ignore_index: int = 255
+) -> Tensor:
     """Per-pixel KL(p_s ‖ p_t) averaged over pixels (DoViT Eq. 11); ignore pixels are excluded when given."""
     log_s = student_logits.float().log_softmax(1)
     log_t = teacher_logits.float().log_softmax(1)
@@ -46,8 +50,9 @@ def feature_mse(student: Tensor, teacher: Tensor) -> Tensor:
     return F.mse_loss(student.float(), teacher.float())
 
 
-def sigmoid_focal_loss(logits: Tensor, target: Tensor, valid: Tensor | None = None, alpha: float = 0.25,
-                       gamma: float = 2.0) -> Tensor:
+def sigmoid_focal_loss(
+    logits: Tensor, target: Tensor, valid: Tensor | None = None, alpha: float = 0.25, gamma: float = 2.0
+) -> Tensor:
     """Sigmoid focal loss of [M, P] mask logits vs binary targets → [M], each mask's mean over its valid pixels.
 
     ``alpha`` < 0 disables the class balancing; a mask with no valid pixel contributes 0.

@@ -46,9 +46,7 @@ class SegMetrics(Metric):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if 0 <= ignore_index < num_classes:
-            raise ValueError(
-                f"ignore_index={ignore_index} collides with a real class id in [0, {num_classes})"
-            )
+            raise ValueError(f"ignore_index={ignore_index} collides with a real class id in [0, {num_classes})")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.add_state(
@@ -63,9 +61,7 @@ class SegMetrics(Metric):
         if target.is_floating_point() or target.is_complex():
             raise ValueError(f"target must be an integer tensor, got dtype {target.dtype}")
         if preds.shape != target.shape:
-            raise ValueError(
-                f"preds and target shapes differ: {tuple(preds.shape)} vs {tuple(target.shape)}"
-            )
+            raise ValueError(f"preds and target shapes differ: {tuple(preds.shape)} vs {tuple(target.shape)}")
         target = target.long()
         keep = target != self.ignore_index
         target = target[keep]
@@ -74,9 +70,7 @@ class SegMetrics(Metric):
         if target.numel() > 0:
             # One host sync per batch; cheap next to the model forward and it catches
             # label-mapping bugs (e.g. un-reduced ADE20K labels, Cityscapes raw ids).
-            t_min, t_max, p_min, p_max = torch.stack(
-                [target.min(), target.max(), preds.min(), preds.max()]
-            ).tolist()
+            t_min, t_max, p_min, p_max = torch.stack([target.min(), target.max(), preds.min(), preds.max()]).tolist()
             if t_min < 0 or t_max >= c:
                 raise ValueError(
                     f"target contains values in [{t_min}, {t_max}] outside [0, {c}) "
@@ -119,9 +113,7 @@ class SegMetrics(Metric):
         return {k: (v * 100).float() for k, v in out.items()}
 
 
-def format_metrics(
-    metrics: Mapping[str, Tensor | float], class_names: Sequence[str] | None = None
-) -> dict[str, float]:
+def format_metrics(metrics: Mapping[str, Tensor | float], class_names: Sequence[str] | None = None) -> dict[str, float]:
     """Round metrics to 2 decimals (mmseg's reporting precision) as plain floats for logging.
 
     Scalar entries are always kept. Per-class vectors are dropped unless ``class_names`` is

@@ -14,11 +14,11 @@ import argparse
 import json
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
-
 
 RESULT_KEYS = ("mIoU", "aAcc", "mAcc", "gmacs", "gmacs_linear", "gmacs_dense", "gmacs_linear_dense", "images")
 
@@ -59,14 +59,19 @@ def collect(sweep_dirs: str | Path | Sequence[str | Path]) -> pd.DataFrame:
     rows: list[dict[str, Any]] = []
     for sweep in dirs:
         if not sweep.is_dir():
-            raise FileNotFoundError(f"{sweep} is not a directory (give the multirun dir, e.g. logs/eval/multiruns/<time>).")
+            raise FileNotFoundError(
+                f"{sweep} is not a directory (give the multirun dir, e.g. logs/eval/multiruns/<time>)."
+            )
         for path in sorted(sweep.glob("*/metrics.json"), key=_job_key):
             m = json.loads(path.read_text())
             run = path.parent
             cfg = m.get("config") or {}
             model = cfg.get("model") or {}
-            row: dict[str, Any] = {"sweep": sweep.name, "run": run.name,
-                                   "threshold": format_threshold(m.get("threshold"))}
+            row: dict[str, Any] = {
+                "sweep": sweep.name,
+                "run": run.name,
+                "threshold": format_threshold(m.get("threshold")),
+            }
             row.update({k: m.get(k) for k in RESULT_KEYS})
             dense = m.get("dense") or {}
             row["dense_mIoU"] = dense.get("mIoU")
@@ -81,7 +86,9 @@ def collect(sweep_dirs: str | Path | Sequence[str | Path]) -> pd.DataFrame:
                     row[f"override:{key}"] = value
             rows.append(row)
     if not rows:
-        raise FileNotFoundError(f"No */metrics.json under {', '.join(map(str, dirs))}: is this a finished multirun dir?")
+        raise FileNotFoundError(
+            f"No */metrics.json under {', '.join(map(str, dirs))}: is this a finished multirun dir?"
+        )
     table = pd.DataFrame(rows)
     numeric = pd.to_numeric(table["threshold"], errors="coerce")
     if numeric.notna().all():
@@ -128,9 +135,16 @@ def plot(table: pd.DataFrame, path: str | Path, gmacs: str = "gmacs", title: str
         known = table.dropna(subset=["dense_mIoU", dense_col])
         if not known.empty:
             dense = (float(known[dense_col].iloc[0]), float(known["dense_mIoU"].iloc[0]))
-    plot_tradeoff(table, path, x=gmacs, y="mIoU", group=varied_columns(table), dense=dense,
-                  title=title or "mIoU vs GMACs",
-                  xlabel="GMACs / image" + (" (linear/conv only)" if gmacs == "gmacs_linear" else ""))
+    plot_tradeoff(
+        table,
+        path,
+        x=gmacs,
+        y="mIoU",
+        group=varied_columns(table),
+        dense=dense,
+        title=title or "mIoU vs GMACs",
+        xlabel="GMACs / image" + (" (linear/conv only)" if gmacs == "gmacs_linear" else ""),
+    )
 
 
 def write(table: pd.DataFrame, out_dir: str | Path, gmacs: str = "gmacs", title: str | None = None) -> dict[str, Path]:
@@ -138,8 +152,11 @@ def write(table: pd.DataFrame, out_dir: str | Path, gmacs: str = "gmacs", title:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "sweep.csv", "md": out / "sweep.md", "png": out / "sweep.png"}
     table.to_csv(paths["csv"], index=False)
-    shown = [c for c in ("threshold", *varied_columns(table), "mIoU", "dense_mIoU", "gmacs", "gmacs_linear",
-                         "gmacs_dense") if c in table]
+    shown = [
+        c
+        for c in ("threshold", *varied_columns(table), "mIoU", "dense_mIoU", "gmacs", "gmacs_linear", "gmacs_dense")
+        if c in table
+    ]
     shown += [c for c in table.columns if c.startswith("keep_s")]
     paths["md"].write_text(f"# {title or 'Sweep'}\n\n" + to_markdown(table, shown))
     plot(table, paths["png"], gmacs=gmacs, title=title)
@@ -147,18 +164,29 @@ def write(table: pd.DataFrame, out_dir: str | Path, gmacs: str = "gmacs", title:
 
 
 def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
-    parser = argparse.ArgumentParser(description="Gather a Hydra multirun of dtop-eval or dtop-train runs into one "
-                                     "trade-off table and plot (sweep.csv, sweep.md, sweep.png).")
+    parser = argparse.ArgumentParser(
+        description="Gather a Hydra multirun of dtop-eval or dtop-train runs into one "
+        "trade-off table and plot (sweep.csv, sweep.md, sweep.png)."
+    )
     parser.add_argument("sweep_dirs", nargs="+", help="Hydra multirun dir(s), e.g. logs/eval/multiruns/<time>")
     parser.add_argument("--out", default=None, help="output folder (default: the first multirun dir)")
-    parser.add_argument("--gmacs", default="gmacs", choices=("gmacs", "gmacs_linear"),
-                        help="GMACs convention of the plot (all MACs, or linear/conv only as mmcv/DoViT)")
+    parser.add_argument(
+        "--gmacs",
+        default="gmacs",
+        choices=("gmacs", "gmacs_linear"),
+        help="GMACs convention of the plot (all MACs, or linear/conv only as mmcv/DoViT)",
+    )
     parser.add_argument("--title", default=None)
     args = parser.parse_args(argv)
     table = collect(args.sweep_dirs)
     paths = write(table, args.out or args.sweep_dirs[0], gmacs=args.gmacs, title=args.title)
-    print(to_markdown(table, [c for c in ("threshold", *varied_columns(table), "mIoU", "gmacs", "gmacs_linear")
-                              if c in table] + [c for c in table.columns if c.startswith("keep_s")]))
+    print(
+        to_markdown(
+            table,
+            [c for c in ("threshold", *varied_columns(table), "mIoU", "gmacs", "gmacs_linear") if c in table]
+            + [c for c in table.columns if c.startswith("keep_s")],
+        )
+    )
     print("\n".join(f"{k}: {p}" for k, p in paths.items()))
     return table
 

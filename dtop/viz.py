@@ -5,8 +5,9 @@ or notebook can call these."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -41,8 +42,9 @@ def default_palette(num_classes: int) -> list[tuple[int, int, int]]:
     return [tuple(int(255 * c) for c in cmap(i % 20)[:3]) for i in range(num_classes)]
 
 
-def denormalize(image: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
-                std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
+def denormalize(
+    image: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> np.ndarray:
     """A normalised [3, H, W] image (``(x - mean) / std`` of [0, 1] RGB) → uint8 [H, W, 3]."""
     m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
@@ -87,8 +89,16 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def draw_exit_panel(visual: dict[str, Any], path: Path, *, patch: int, num_stages: int, legend: Sequence[str],
-                    palette: Sequence[Sequence[int]], ignore_index: int) -> np.ndarray:
+def draw_exit_panel(
+    visual: dict[str, Any],
+    path: Path,
+    *,
+    patch: int,
+    num_stages: int,
+    legend: Sequence[str],
+    palette: Sequence[Sequence[int]],
+    ignore_index: int,
+) -> np.ndarray:
     """Input | exit stages over the input | prediction | ground truth (+ legend) → ``path`` (PNG).
 
     Drawn with PIL at the image's own resolution (small images are enlarged by an integer factor),
@@ -101,9 +111,12 @@ def draw_exit_panel(visual: dict[str, Any], path: Path, *, patch: int, num_stage
     colors = stage_colors(num_stages)
     stages = exit_map_pixels(visual["exit_stage"], patch, (H, W))
     overlay = exit_overlay(image, stages, colors)
-    panels = [("input", image), ("exit stage per token", overlay),
-              ("prediction", colorize(visual["pred"], palette, ignore_index)),
-              ("ground truth", colorize(visual["label"], palette, ignore_index))]
+    panels = [
+        ("input", image),
+        ("exit stage per token", overlay),
+        ("prediction", colorize(visual["pred"], palette, ignore_index)),
+        ("ground truth", colorize(visual["label"], palette, ignore_index)),
+    ]
     scale = max(1, -(-192 // max(W, 1)))  # at least ~192 px per panel, so the titles fit
     gap, head, font = 6, 22, _font(13)
     counts = np.bincount(visual["exit_stage"].reshape(-1).numpy(), minlength=num_stages)
@@ -115,7 +128,7 @@ def draw_exit_panel(visual: dict[str, Any], path: Path, *, patch: int, num_stage
         x = i * (W * scale + gap)
         big = img.repeat(scale, 0).repeat(scale, 1) if scale > 1 else img
         canvas.paste(Image.fromarray(np.ascontiguousarray(big)), (x, head))
-        draw.text((x + 2, 3), title if i else f"{title} · {visual['id']}"[: 40], fill="black", font=font)
+        draw.text((x + 2, 3), title if i else f"{title} · {visual['id']}"[:40], fill="black", font=font)
     y0 = head + H * scale + 6
     for s in range(num_stages):
         x, y = (s % 2) * (width // 2) + 2, y0 + (s // 2) * 20
@@ -125,8 +138,14 @@ def draw_exit_panel(visual: dict[str, Any], path: Path, *, patch: int, num_stage
     return overlay
 
 
-def plot_histograms(columns: dict[str, np.ndarray], path: Path, xlabel: str, title: str,
-                    reference: float | None = None, reference_label: str = "") -> None:
+def plot_histograms(
+    columns: dict[str, np.ndarray],
+    path: Path,
+    xlabel: str,
+    title: str,
+    reference: float | None = None,
+    reference_label: str = "",
+) -> None:
     fig = figure(6, 3.6)
     ax = fig.subplots()
     values = [v for v in columns.values() if len(v)]
@@ -144,9 +163,19 @@ def plot_histograms(columns: dict[str, np.ndarray], path: Path, xlabel: str, tit
     fig.savefig(path)
 
 
-def plot_tradeoff(table: pd.DataFrame, path: str | Path | None, *, x: str = "gmacs", y: str = "mIoU",
-                  label: str | None = "threshold", group: Sequence[str] = (), dense: tuple[float, float] | None = None,
-                  title: str = "mIoU vs GMACs", xlabel: str | None = None, ax: Any = None) -> None:
+def plot_tradeoff(
+    table: pd.DataFrame,
+    path: str | Path | None,
+    *,
+    x: str = "gmacs",
+    y: str = "mIoU",
+    label: str | None = "threshold",
+    group: Sequence[str] = (),
+    dense: tuple[float, float] | None = None,
+    title: str = "mIoU vs GMACs",
+    xlabel: str | None = None,
+    ax: Any = None,
+) -> None:
     """One curve per value combination of the ``group`` columns, (``x``, ``y``) points sorted by ``x`` and
     annotated with ``label``; ``dense`` = (GMACs, mIoU) of the unpruned model as a star. Draws on ``ax``
     when given, else on a new figure saved to ``path``."""
@@ -165,8 +194,13 @@ def plot_tradeoff(table: pd.DataFrame, path: str | Path | None, *, x: str = "gma
         ax.plot(part[x], part[y], "o-", label=curve)
         if label is not None and label in part:
             for _, row in part.iterrows():
-                ax.annotate(f"ξ={row[label]}" if label == "threshold" else str(row[label]), (row[x], row[y]),
-                            textcoords="offset points", xytext=(4, 4), fontsize=7)
+                ax.annotate(
+                    f"ξ={row[label]}" if label == "threshold" else str(row[label]),
+                    (row[x], row[y]),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=7,
+                )
     if dense is not None and all(v is not None and math.isfinite(v) for v in dense):
         ax.plot([dense[0]], [dense[1]], "k*", ms=11, label="dense")
     ax.set_xlabel(xlabel or ("GMACs / image" if x.startswith("gmacs") else x))

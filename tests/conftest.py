@@ -10,8 +10,9 @@ import torch
 from torch.utils import flop_counter
 
 _aten = torch.ops.aten
-for _cpu, _cuda in [("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention"),
-                    ("_scaled_dot_product_flash_attention_for_cpu_backward",
-                     "_scaled_dot_product_flash_attention_backward")]:
+for _cpu, _cuda in [
+    ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention"),
+    ("_scaled_dot_product_flash_attention_for_cpu_backward", "_scaled_dot_product_flash_attention_backward"),
+]:
     if hasattr(_aten, _cpu) and getattr(_aten, _cpu) not in flop_counter.flop_registry:
         flop_counter.flop_registry[getattr(_aten, _cpu)] = flop_counter.flop_registry[getattr(_aten, _cuda)]

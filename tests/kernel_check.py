@@ -17,8 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def kernel_check(name: str, device: str, *args: str) -> int:
     """Run ``tests.kernel_checks.<name>`` on ``device`` ("cpu": under the interpreter); its case count."""
     env = {**os.environ, "TRITON_INTERPRET": "1"} if device == "cpu" else None
-    res = subprocess.run([sys.executable, "-m", f"tests.kernel_checks.{name}", device, *args], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-m", f"tests.kernel_checks.{name}", device, *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     word, cases = res.stdout.split()[-2:]
     assert word == "ok", res.stdout[-3000:]

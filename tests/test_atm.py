@@ -63,6 +63,7 @@ def _packed_stream(C: int, lengths: list[int], seed: int = 0) -> TokenStream:
 
 # --- shapes and per-image cross-attention -------------------------------------------------------
 
+
 @pytest.mark.parametrize("num_classes", [1, 3, 19])
 @pytest.mark.parametrize("lengths", [[12, 12], [7, 1, 15], [5]])
 def test_shapes_and_packed_equals_per_image(num_classes: int, lengths: list[int]) -> None:
@@ -111,6 +112,7 @@ def test_scores() -> None:
 
 
 # --- losses ----------------------------------------------------------------------------------
+
 
 def _target(seed: int = 0, classes: int = 2) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
@@ -191,6 +193,7 @@ def test_loss_without_labels_is_zero() -> None:
 
 # --- in the segmentor ------------------------------------------------------------------------
 
+
 def test_xi_one_equals_dense(backbone: ViTBackbone) -> None:
     model = _segmentor(backbone, DToP(1.0))
     x = _images()
@@ -204,11 +207,11 @@ def test_xi_one_equals_dense(backbone: ViTBackbone) -> None:
         for blk in backbone.blocks[:2]:
             mid = blk(mid)
         for b in range(x.shape[0]):
-            final = TokenStream.from_dense(feats[b:b + 1, P:], 0)
+            final = TokenStream.from_dense(feats[b : b + 1, P:], 0)
             ref = model.decode_head(final.x, final)
             assert _rel(out.logits[b].flatten(1).T, ref.logits) <= reorder_rel(torch.float32)
             assert _rel(out.presence[b], ref.presence[0]) <= reorder_rel(torch.float32)
-            aux = TokenStream.from_dense(mid[b:b + 1, P:], 0)
+            aux = TokenStream.from_dense(mid[b : b + 1, P:], 0)
             ref0 = model.aux_heads[0](aux.x, aux)
             assert _rel(stage_logits[0][b].flatten(1).T, ref0.logits) <= reorder_rel(torch.float32)
     assert bool((out.stats["exit_stage"] == 2).all())
@@ -233,7 +236,7 @@ def test_packed_batch_equals_per_image(backbone: ViTBackbone) -> None:
         exits = out.stats["exits_per_stage"]
         assert bool((exits[:, 0] > 0).all()) and exits[0, 0] != exits[1, 0], exits
         for b in range(x.shape[0]):
-            single = model(x[b:b + 1])
+            single = model(x[b : b + 1])
             assert torch.equal(single.stats["exit_stage"][0], out.stats["exit_stage"][b])
             assert _rel(out.logits[b], single.logits[0]) <= reorder_rel(torch.float32)
             assert _rel(out.presence[b], single.presence[0]) <= reorder_rel(torch.float32)
@@ -258,6 +261,7 @@ def test_exited_tokens_keep_stage_logits(backbone: ViTBackbone) -> None:
 
 
 # --- MACs ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("C,num_classes,n,layers,heads", [(64, 3, 10, 1, None), (192, 7, 24, 3, 2), (128, 1, 1, 2, 4)])
 def test_macs_match_flop_counter(C: int, num_classes: int, n: int, layers: int, heads: int | None) -> None:

@@ -15,19 +15,29 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from dtop.cli.common import CONFIG_PATH
 from dtop.checkpoint import CheckpointError, load_model_weights
+from dtop.cli.common import CONFIG_PATH
 from dtop.models.vit import ViTBackbone, WeightsError
 
-TINY = ["logger=csv", "data.train_size=32", "data.val_size=8", "data.batch_size=8", "data.val_batch_size=4",
-        "data.image_size=[64,64]", "trainer.max_steps=4", "trainer.val_check_interval=2", "model.backbone.depth=4",
-        "model.prune_layers=[2,3]"]
+TINY = [
+    "logger=csv",
+    "data.train_size=32",
+    "data.val_size=8",
+    "data.batch_size=8",
+    "data.val_batch_size=4",
+    "data.image_size=[64,64]",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "model.backbone.depth=4",
+    "model.prune_layers=[2,3]",
+]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
 def cli(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", f"dtop.cli.{module}", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", f"dtop.cli.{module}", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -42,8 +52,10 @@ def newest_run(root: Path, task: str) -> Path:
 GROUP_EXTRAS = {"experiment": ["++teacher_ckpt=x", "++init_ckpt=x"], "regime": ["++init_ckpt=x"]}
 
 
-@pytest.mark.parametrize("group", ["data", "model", "module", "trainer", "logger", "callbacks", "paths", "hydra",
-                                   "debug", "experiment", "regime"])
+@pytest.mark.parametrize(
+    "group",
+    ["data", "model", "module", "trainer", "logger", "callbacks", "paths", "hydra", "debug", "experiment", "regime"],
+)
 def test_every_option_of_every_group_composes(group):
     options = sorted(p.stem for p in (Path(CONFIG_PATH) / group).glob("*.yaml"))
     assert options
@@ -72,8 +84,20 @@ def test_train_eval_round_trip_and_resume(tmp_path):
     out = ok(cli("train", *TINY, cwd=tmp_path)).stdout
     run = newest_run(tmp_path, "train")
     metrics = json.loads((run / "metrics.json").read_text())
-    for key in ("mIoU", "aAcc", "mAcc", "images", "gmacs", "gmacs_linear", "gmacs_dense", "gmacs_linear_dense",
-                "tokens_per_stage", "keep_ratio_per_stage", "config", "dense"):
+    for key in (
+        "mIoU",
+        "aAcc",
+        "mAcc",
+        "images",
+        "gmacs",
+        "gmacs_linear",
+        "gmacs_dense",
+        "gmacs_linear_dense",
+        "tokens_per_stage",
+        "keep_ratio_per_stage",
+        "config",
+        "dense",
+    ):
         assert key in metrics, key
     assert metrics["images"] == 8 and metrics["config"]["trainer"]["max_steps"] == 4
     assert "pruned" in out and "dense" in out  # the closing summary table
@@ -93,8 +117,15 @@ def test_train_eval_round_trip_and_resume(tmp_path):
 
     ckpt = run / "checkpoints" / "last.ckpt"
 
-    ok(cli("train", *[o for o in TINY if not o.startswith("trainer.max_steps")], "trainer.max_steps=6",
-           f"ckpt_path={ckpt}", cwd=tmp_path))
+    ok(
+        cli(
+            "train",
+            *[o for o in TINY if not o.startswith("trainer.max_steps")],
+            "trainer.max_steps=6",
+            f"ckpt_path={ckpt}",
+            cwd=tmp_path,
+        )
+    )
     resumed = newest_run(tmp_path, "train")
     state = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert state["global_step"] == 6
@@ -120,8 +151,17 @@ def test_bad_checkpoint_and_weights_give_one_clear_error(tmp_path):
 
 
 def test_flops_prints_json_last_line(tmp_path):
-    proc = ok(cli("flops", "input_size=[512,512]", "model.backbone.name=vit_base_patch16_224", "~model.backbone.depth",
-                  "data.num_classes=150", "model.prune_layers=[6,8]", cwd=tmp_path))
+    proc = ok(
+        cli(
+            "flops",
+            "input_size=[512,512]",
+            "model.backbone.name=vit_base_patch16_224",
+            "~model.backbone.depth",
+            "data.num_classes=150",
+            "model.prune_layers=[6,8]",
+            cwd=tmp_path,
+        )
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["gmacs"] == pytest.approx(107.27, abs=0.01)  # SETR ViT-B 512²: DToP Table 7 says 107.7 G
     assert result["gmacs_linear"] < result["gmacs"]
@@ -129,24 +169,50 @@ def test_flops_prints_json_last_line(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])  # bf16: pure-bf16 inference copy, autocast training
 def test_bench_runs_on_cpu(tmp_path, dtype):
-    proc = ok(cli("bench", "input_size=[64,64]", "model.backbone.depth=4", "model.prune_layers=[2,3]",
-                  "batch_size=2", "iters=2", "warmup=1", "keep=[0.6,0.4]", f"dtype={dtype}", cwd=tmp_path))
+    proc = ok(
+        cli(
+            "bench",
+            "input_size=[64,64]",
+            "model.backbone.depth=4",
+            "model.prune_layers=[2,3]",
+            "batch_size=2",
+            "iters=2",
+            "warmup=1",
+            "keep=[0.6,0.4]",
+            f"dtype={dtype}",
+            cwd=tmp_path,
+        )
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     inf = result["inference"]
     assert inf["gmacs_ratio"] < 0.85 and inf["efficiency"] > 0 and "train" in result
-    assert inf["forward_efficiency"] == pytest.approx(inf["gmacs_ratio"] * inf["forward_dense_ms"] / inf["forward_pruned_ms"])
+    assert inf["forward_efficiency"] == pytest.approx(
+        inf["gmacs_ratio"] * inf["forward_dense_ms"] / inf["forward_pruned_ms"]
+    )
     assert result["train"]["speedup"] > 0 and result["precision"] == "pure"
     assert json.loads((newest_run(tmp_path, "bench") / "bench.json").read_text())["batch_size"] == 2
 
 
-@pytest.mark.skipif(not (SHARED / "data" / "camvid").is_dir() or not (SHARED / "weights").is_dir(),
-                    reason="../shared/data/camvid and ../shared/weights are not present")
+@pytest.mark.skipif(
+    not (SHARED / "data" / "camvid").is_dir() or not (SHARED / "weights").is_dir(),
+    reason="../shared/data/camvid and ../shared/weights are not present",
+)
 def test_camvid_experiments_run_a_few_steps(tmp_path):
     """Each camvid_* experiment composes and trains 2 steps on the real data: dense → DToP finetune, DoViT."""
-    common = ["trainer=default", "trainer.max_steps=2", "trainer.val_check_interval=2", "data.batch_size=2",
-              "data.num_workers=0", "data.crop_size=[140,196]", "data.stride=[98,98]", "logger=csv", "test=false",
-              f"data.root={SHARED / 'data' / 'camvid'}",
-              f"model.backbone.weights={SHARED / 'weights' / 'dinov2_vits14.safetensors'}", "+trainer.limit_val_batches=2"]
+    common = [
+        "trainer=default",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "data.crop_size=[140,196]",
+        "data.stride=[98,98]",
+        "logger=csv",
+        "test=false",
+        f"data.root={SHARED / 'data' / 'camvid'}",
+        f"model.backbone.weights={SHARED / 'weights' / 'dinov2_vits14.safetensors'}",
+        "+trainer.limit_val_batches=2",
+    ]
     ok(cli("train", "experiment=camvid_dense_fcn", *common, cwd=tmp_path))
     dense = newest_run(tmp_path, "train") / "checkpoints" / "last.ckpt"
     ok(cli("train", "experiment=camvid_dtop_fcn", f"module.init_ckpt={dense}", *common, cwd=tmp_path))

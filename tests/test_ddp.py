@@ -39,7 +39,7 @@ def test_shards_partition_the_data_in_whole_batches(world: int, batch: int) -> N
         single = [list(range(b, min(b + batch, n))) for b in range(0, n, batch)]
         if len(single) >= world:  # each rank's batches are batches of the single-device loader
             for r, s in enumerate(shards):
-                assert [s[i:i + batch] for i in range(0, len(s), batch)] == single[r::world]
+                assert [s[i : i + batch] for i in range(0, len(s), batch)] == single[r::world]
 
 
 def test_fewer_images_than_ranks_is_an_error() -> None:
@@ -177,8 +177,9 @@ def _make_model(policy, num_classes: int = K):
 
     torch.manual_seed(0)
     backbone = ViTBackbone("vit_tiny_patch16_224", img_size=(32, 48), depth=2)
-    return build_segmentor(backbone, partial(FCNHead, channels=16), num_classes, partial(FCNHead, channels=16), [1],
-                           policy)
+    return build_segmentor(
+        backbone, partial(FCNHead, channels=16), num_classes, partial(FCNHead, channels=16), [1], policy
+    )
 
 
 def _check_unused_heads(rank: int, world: int) -> None:
@@ -202,8 +203,10 @@ def _check_unused_heads(rank: int, world: int) -> None:
         opt.zero_grad()
         loss.backward()
         with torch.no_grad():  # the reference on the same weights and buffers as the DDP model
-            for a, b in zip(list(reference.model.parameters()) + list(reference.model.buffers()),
-                            list(module.model.parameters()) + list(module.model.buffers())):
+            for a, b in zip(
+                list(reference.model.parameters()) + list(reference.model.buffers()),
+                list(module.model.parameters()) + list(module.model.buffers()),
+            ):
                 a.copy_(b)
         reference.model.zero_grad(set_to_none=True)
         ref_out = reference.model(images)
@@ -215,8 +218,9 @@ def _check_unused_heads(rank: int, world: int) -> None:
         else:
             assert not skipped
         # DDP's gradient is the mean over ranks of the local gradients, a skipped head counting as zero
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
-                          for p in reference.model.parameters()])
+        flat = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in reference.model.parameters()]
+        )
         dist.all_reduce(flat)
         got = torch.cat([p.grad.flatten() for p in module.model.parameters()])
         torch.testing.assert_close(got, flat / world, rtol=1e-4, atol=1e-6)
@@ -227,15 +231,15 @@ def _lightning_module(threshold: float, context: str):
     from dtop.lit.module import SegModule
     from dtop.models.policies import DToP
 
-    return SegModule(_make_model(DToP(threshold, context=context, k=1), num_classes=8), num_classes=8,
-                     warmup_iters=0)
+    return SegModule(_make_model(DToP(threshold, context=context, k=1), num_classes=8), num_classes=8, warmup_iters=0)
 
 
 def _lightning_data():
     from dtop.data.synthetic import SyntheticDataModule
 
-    return SyntheticDataModule(image_size=(32, 48), num_classes=8, train_size=4, val_size=5, batch_size=2,
-                               val_batch_size=2, seed=0)
+    return SyntheticDataModule(
+        image_size=(32, 48), num_classes=8, train_size=4, val_size=5, batch_size=2, val_batch_size=2, seed=0
+    )
 
 
 def _lightning_trainer(devices: int, root: str, **kwargs):
@@ -245,8 +249,16 @@ def _lightning_trainer(devices: int, root: str, **kwargs):
 
     if devices > 1:
         kwargs["strategy"] = SegDDPStrategy(find_unused_parameters=True)
-    return L.Trainer(accelerator="cpu", devices=devices, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, default_root_dir=root, **kwargs)
+    return L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        **kwargs,
+    )
 
 
 def _check_lightning(rank: int, world: int, out: str) -> None:
@@ -255,8 +267,10 @@ def _check_lightning(rank: int, world: int, out: str) -> None:
     module = _lightning_module(0.2, "topk")
     logged = _lightning_trainer(world, out).test(module, datamodule=_lightning_data(), verbose=False)[0]
     if rank == 0:
-        torch.save({"rows": module.per_image, "last_eval": module.last_eval, "logged": logged,
-                    "visuals": module.visuals}, Path(out) / "ddp.pt")
+        torch.save(
+            {"rows": module.per_image, "last_eval": module.last_eval, "logged": logged, "visuals": module.visuals},
+            Path(out) / "ddp.pt",
+        )
     # fit where rank 1 sends every token out at stage 0 (its decode head idles), validating on the 5 images
     module = _lightning_module(1.0 if rank == 0 else 0.0, "remove")
     trainer = _lightning_trainer(world, out, max_steps=2, check_val_every_n_epoch=1)

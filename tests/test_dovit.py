@@ -44,8 +44,7 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def make_model(decode: str = "segmenter", aux: str = "fcn1x1", policy=None, prune=(1, 2), depth: int = 4,
-               **kwargs):
+def make_model(decode: str = "segmenter", aux: str = "fcn1x1", policy=None, prune=(1, 2), depth: int = 4, **kwargs):
     torch.manual_seed(0)
     backbone = ViTBackbone("vit_tiny_patch16_224", img_size=SIZE, depth=depth, **kwargs)
     model = build_segmentor(backbone, HEADS[decode], K, HEADS[aux], list(prune), policy or DoViT(1.0))
@@ -84,7 +83,7 @@ def dense_features(model, images: torch.Tensor, upto: int) -> torch.Tensor:
     x = model.backbone.embed(images)
     for block in vit.blocks[:upto]:
         x = block(x)
-    return x[:, vit.num_prefix_tokens:]
+    return x[:, vit.num_prefix_tokens :]
 
 
 def canvas(logits: torch.Tensor) -> torch.Tensor:
@@ -98,7 +97,7 @@ def _gap_threshold(conf: torch.Tensor, q: float) -> float:
     c = conf.flatten().double().sort().values
     n = c.numel()
     lo, hi = max(int(n * (q - 0.15)), 0), min(int(n * (q + 0.15)), n - 1)
-    gaps = c[lo + 1:hi + 1] - c[lo:hi]
+    gaps = c[lo + 1 : hi + 1] - c[lo:hi]
     i = lo + int(gaps.argmax())
     return float((c[i] + c[i + 1]) / 2)
 
@@ -126,12 +125,15 @@ def calibrate(model, images: torch.Tensor, q: float = 0.5) -> list[float]:
 
 
 # ------------------------------------------------------------------------------------- ξ = 1 ≡ dense
-@pytest.mark.parametrize("decode,aux,kwargs", [
-    ("fcn", "fcn1x1", {}),
-    ("segmenter", "fcn1x1", {}),
-    ("segmenter", "segmenter_aux", {"class_token": False}),
-    ("segmenter", "fcn1x1", {"reg_tokens": 2, "no_embed_class": True}),
-])
+@pytest.mark.parametrize(
+    "decode,aux,kwargs",
+    [
+        ("fcn", "fcn1x1", {}),
+        ("segmenter", "fcn1x1", {}),
+        ("segmenter", "segmenter_aux", {"class_token": False}),
+        ("segmenter", "fcn1x1", {"reg_tokens": 2, "no_embed_class": True}),
+    ],
+)
 def test_threshold_one_reproduces_dense_model(decode, aux, kwargs):
     model = make_model(decode, aux, DoViT(1.0), **kwargs)
     vit = model.backbone.vit
@@ -189,9 +191,16 @@ def test_stopped_tokens_keep_their_stop_layer_features_bit_identical():
 # --------------------------------------------------------------------------------- reconstruction
 def _state(B: int, grid: tuple[int, int], has_cls: bool = True) -> RunState:
     N = grid[0] * grid[1]
-    return RunState(batch_size=B, grid=grid, num_classes=K, num_stages=2, canvas=torch.zeros(B * N + 1, K),
-                    exit_stage=torch.ones(B * N + 1, dtype=torch.long), lengths=torch.zeros(B, 2, dtype=torch.int32),
-                    has_cls=has_cls)
+    return RunState(
+        batch_size=B,
+        grid=grid,
+        num_classes=K,
+        num_stages=2,
+        canvas=torch.zeros(B * N + 1, K),
+        exit_stage=torch.ones(B * N + 1, dtype=torch.long),
+        lengths=torch.zeros(B, 2, dtype=torch.int32),
+        has_cls=has_cls,
+    )
 
 
 def _decided(decision) -> TokenStream:
@@ -232,9 +241,22 @@ def test_cls_merge_formula_eq8():
     """cls ← ½(cls + mean of all stopped tokens), only where more than agg_rate of the tokens stopped."""
     B, grid, C = 3, (2, 2), 2
     N = 4
-    full = torch.tensor([[1.0, 2.0], [3.0, 6.0], [5.0, 0.0], [7.0, 4.0],  # image 0: tokens 1, 3 stopped
-                         [2.0, 2.0], [4.0, 4.0], [6.0, 6.0], [8.0, 8.0],  # image 1: token 2 stopped
-                         [1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0]])  # image 2: none stopped
+    full = torch.tensor(
+        [
+            [1.0, 2.0],
+            [3.0, 6.0],
+            [5.0, 0.0],
+            [7.0, 4.0],  # image 0: tokens 1, 3 stopped
+            [2.0, 2.0],
+            [4.0, 4.0],
+            [6.0, 6.0],
+            [8.0, 8.0],  # image 1: token 2 stopped
+            [1.0, 1.0],
+            [1.0, 1.0],
+            [1.0, 1.0],
+            [1.0, 1.0],
+        ]
+    )  # image 2: none stopped
     stopped = torch.zeros(B * N, dtype=torch.bool)
     stopped[[1, 3, 6]] = True
     cls = torch.tensor([[10.0, 20.0], [30.0, 40.0], [50.0, 60.0]])
@@ -309,7 +331,7 @@ def test_segmenter_head_on_packed_unequal_segments_equals_each_image_alone():
     for b in range(3):
         with torch.no_grad():
             ref = segmenter_dense(head, x[b][keep.view(3, 10)[b]][None])[0]
-        assert_reordered_close(out[sub.cu_seqlens[b]:sub.cu_seqlens[b + 1]], ref)
+        assert_reordered_close(out[sub.cu_seqlens[b] : sub.cu_seqlens[b + 1]], ref)
 
 
 def test_segmenter_defaults_and_gradients():
@@ -332,10 +354,11 @@ def test_packed_batch_equals_each_image_alone_dovit_segmenter(decode, aux):
     calibrate(model, images, q=0.4)
     with torch.no_grad():
         batched = model(images)
-        singles = [model(images[i:i + 1]) for i in range(4)]
+        singles = [model(images[i : i + 1]) for i in range(4)]
     tokens = batched.stats["tokens_per_stage"]
-    assert tokens[:, -1].lt(tokens[:, 0]).all() and not (tokens[:, -1] == tokens[0, -1]).all(), \
+    assert tokens[:, -1].lt(tokens[:, 0]).all() and not (tokens[:, -1] == tokens[0, -1]).all(), (
         "the test must really stop tokens, unequally across images"
+    )
     for i, single in enumerate(singles):
         assert_reordered_close(batched.logits[i], single.logits[0])
         assert_reordered_close(batched.features[i], single.features[0])
@@ -351,7 +374,7 @@ def test_packed_batch_equals_each_image_alone_dtop_segmenter():
     calibrate(model, images, q=0.4)
     with torch.no_grad():
         batched = model(images)
-        singles = [model(images[i:i + 1]) for i in range(3)]
+        singles = [model(images[i : i + 1]) for i in range(3)]
     assert batched.stats["tokens_per_stage"][:, -1].lt(batched.stats["tokens_per_stage"][:, 0]).all()
     for i, single in enumerate(singles):
         assert_reordered_close(batched.logits[i], single.logits[0])
@@ -531,8 +554,14 @@ def test_configs_compose_segmenter_model_annealing_and_distillation():
     from dtop.cli.common import CONFIG_PATH
 
     with initialize_config_dir(CONFIG_PATH, version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=synthetic_dovit_distill", "model=dovit_segmenter_tiny",
-                                          "module.teacher_ckpt=/dense.ckpt"])
+        cfg = compose(
+            "train",
+            overrides=[
+                "experiment=synthetic_dovit_distill",
+                "model=dovit_segmenter_tiny",
+                "module.teacher_ckpt=/dense.ckpt",
+            ],
+        )
         bare = compose("train", overrides=["experiment=synthetic_dovit_distill"])
     assert (cfg.module.aux_weight, cfg.module.kl_weight, cfg.module.mse_weight) == (1.0, 0.4, 0.0)
     assert cfg.module.teacher_ckpt == "/dense.ckpt"

@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dtop.models.build import build_segmentor
 from dtop.models.heads.fcn import FCNHead
 from dtop.models.packed import TokenStream
-from dtop.models.policies import DToP, DoViT, topk_per_group
+from dtop.models.policies import DoViT, DToP, topk_per_group
 from dtop.models.vit import ViTBackbone
 from dtop.ops.attention import segment_attention
 from tests.tolerance import assert_reordered_close, rel_err, reorder_rel
@@ -20,8 +20,9 @@ from tests.tolerance import assert_reordered_close, rel_err, reorder_rel
 K = 5
 
 
-def make_model(name: str = "vit_tiny_patch16_224", img_size=(48, 64), depth: int = 4, prune=(1, 2),
-               policy=None, **kwargs):
+def make_model(
+    name: str = "vit_tiny_patch16_224", img_size=(48, 64), depth: int = 4, prune=(1, 2), policy=None, **kwargs
+):
     torch.manual_seed(0)
     backbone = ViTBackbone(name, img_size=img_size, depth=depth, **kwargs)
     model = build_segmentor(backbone, partial(FCNHead), K, partial(FCNHead), list(prune), policy or DToP(1.0))
@@ -31,7 +32,7 @@ def make_model(name: str = "vit_tiny_patch16_224", img_size=(48, 64), depth: int
 def dense_reference(model, images: torch.Tensor) -> torch.Tensor:
     """The unpruned model the ordinary way: timm's forward_features, decode head on the patch tokens."""
     vit = model.backbone.vit
-    tokens = vit.forward_features(images)[:, vit.num_prefix_tokens:]
+    tokens = vit.forward_features(images)[:, vit.num_prefix_tokens :]
     B, N, C = tokens.shape
     head = model.decode_head
     return head.cls(head.conv(head.norm(tokens.reshape(B * N, C)))).view(B, N, -1)
@@ -42,12 +43,15 @@ def canvas(out) -> torch.Tensor:
     return out.logits.permute(0, 2, 3, 1).reshape(B, h * w, Kc)
 
 
-@pytest.mark.parametrize("name,kwargs,size", [
-    ("vit_tiny_patch16_224", {}, (48, 64)),
-    ("vit_tiny_patch16_224", {"class_token": False}, (48, 64)),
-    ("vit_tiny_patch16_224", {"reg_tokens": 2, "no_embed_class": True}, (32, 80)),
-    ("vit_small_patch14_dinov2", {"embed_dim": 96, "num_heads": 2}, (42, 56)),
-])
+@pytest.mark.parametrize(
+    "name,kwargs,size",
+    [
+        ("vit_tiny_patch16_224", {}, (48, 64)),
+        ("vit_tiny_patch16_224", {"class_token": False}, (48, 64)),
+        ("vit_tiny_patch16_224", {"reg_tokens": 2, "no_embed_class": True}, (32, 80)),
+        ("vit_small_patch14_dinov2", {"embed_dim": 96, "num_heads": 2}, (42, 56)),
+    ],
+)
 def test_threshold_one_reproduces_dense_model(name, kwargs, size):
     model = make_model(name, img_size=size, policy=DToP(1.0), **kwargs)
     images = torch.randn(2, 3, *size)
@@ -58,18 +62,26 @@ def test_threshold_one_reproduces_dense_model(name, kwargs, size):
     assert (out.stats["exits_per_stage"][:, :-1] == 0).all()
 
 
-@pytest.mark.parametrize("policy", [
-    DToP(0.25, context="topk", k=1), DToP(0.25, context="remove"), DToP(0.25, context="average"),
-    DToP(0.25, context="avg_topk", k=1), DToP(1.0, context="fixed_ratio", ratio=0.4),
-    DToP([0.22, 0.3], context="topk", k=2), DoViT(0.22), DoViT(0.25, diff_conf=0.21),
-])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        DToP(0.25, context="topk", k=1),
+        DToP(0.25, context="remove"),
+        DToP(0.25, context="average"),
+        DToP(0.25, context="avg_topk", k=1),
+        DToP(1.0, context="fixed_ratio", ratio=0.4),
+        DToP([0.22, 0.3], context="topk", k=2),
+        DoViT(0.22),
+        DoViT(0.25, diff_conf=0.21),
+    ],
+)
 def test_packed_batch_equals_each_image_alone(policy):
     model = make_model(policy=policy)
     torch.manual_seed(1)
     images = torch.randn(4, 3, 48, 64) * torch.tensor([0.5, 1.0, 2.0, 3.0]).view(4, 1, 1, 1)
     with torch.no_grad():
         batched = model(images)
-        singles = [model(images[i:i + 1]) for i in range(4)]
+        singles = [model(images[i : i + 1]) for i in range(4)]
     tokens = batched.stats["tokens_per_stage"]
     assert tokens[:, -1].lt(tokens[:, 0]).any(), "the test must really prune"
     for i, single in enumerate(singles):
@@ -79,10 +91,16 @@ def test_packed_batch_equals_each_image_alone(policy):
         torch.testing.assert_close(batched.stats["macs"][i], single.stats["macs"][0])
 
 
-@pytest.mark.parametrize("policy", [
-    DToP(0.25, context="topk", k=1), DToP(0.25, context="average"), DToP(0.25, context="avg_topk", k=1),
-    DToP(1.0, context="fixed_ratio", ratio=0.4), DToP([0.22, 0.3], context="remove"),
-])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        DToP(0.25, context="topk", k=1),
+        DToP(0.25, context="average"),
+        DToP(0.25, context="avg_topk", k=1),
+        DToP(1.0, context="fixed_ratio", ratio=0.4),
+        DToP([0.22, 0.3], context="remove"),
+    ],
+)
 def test_token_local_head_grading_the_whole_stream_equals_grading_patches(policy, monkeypatch):
     """An eval FCN head grades the stream with its cls/summary tokens riding along: same decisions."""
     model = make_model(policy=policy, reg_tokens=1)
@@ -168,7 +186,7 @@ def test_topk_context_keeps_min_k_tokens_of_each_exiting_class():
         for block in model.backbone.vit.blocks[:2]:
             x = block(x)
         aux = model.aux_heads[0]
-        patches = x[:, model.backbone.num_prefix_tokens:]
+        patches = x[:, model.backbone.num_prefix_tokens :]
         probs = aux(patches.reshape(-1, patches.shape[-1]), None).logits.softmax(-1).view(3, -1, K)
     conf, cls = probs.max(-1)
     easy = conf >= 0.22
@@ -188,8 +206,9 @@ def _counted(model, images):
     return out, counter.get_total_flops() / 2, (counter.get_total_flops() - attn) / 2
 
 
-@pytest.mark.parametrize("policy,batch", [(DToP(1.0), 2), (DToP(0.24, k=1), 1), (DToP(0.24, context="average"), 1),
-                                          (DoViT(0.23), 1)])
+@pytest.mark.parametrize(
+    "policy,batch", [(DToP(1.0), 2), (DToP(0.24, k=1), 1), (DToP(0.24, context="average"), 1), (DoViT(0.23), 1)]
+)
 def test_analytic_macs_match_flop_counter(policy, batch):
     model = make_model(policy=policy)
     images = torch.randn(batch, 3, 48, 64)
@@ -227,9 +246,15 @@ def test_segment_attention_padded_path_equals_per_segment_attention():
         torch.testing.assert_close(out[s], ref)
 
 
-@pytest.mark.parametrize("bad", [
-    dict(prune=(2, 2)), dict(prune=(3, 1)), dict(prune=(0, 2)), dict(prune=(1, 4)),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(prune=(2, 2)),
+        dict(prune=(3, 1)),
+        dict(prune=(0, 2)),
+        dict(prune=(1, 4)),
+    ],
+)
 def test_bad_prune_layers_raise(bad):
     with pytest.raises(ValueError, match="prune_layers"):
         make_model(**bad)
@@ -263,7 +288,9 @@ def test_canvas_layout_resize_and_cross_entropy_match_torch():
     for w in (None, weight):
         got = torch.autograd.grad(cross_entropy(up, target, 255, w), x, retain_graph=True)[0]
         want = torch.autograd.grad(F.cross_entropy(ref, target, weight=w, ignore_index=255), x, retain_graph=True)[0]
-        torch.testing.assert_close(cross_entropy(up, target, 255, w), F.cross_entropy(ref, target, weight=w, ignore_index=255))
+        torch.testing.assert_close(
+            cross_entropy(up, target, 255, w), F.cross_entropy(ref, target, weight=w, ignore_index=255)
+        )
         assert_reordered_close(got, want)
     assert cross_entropy(up, torch.full_like(target, 255)).item() == 0.0
 

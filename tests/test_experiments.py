@@ -24,7 +24,10 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 PAPER = sorted(e for e in EXPERIMENTS if e.startswith(("dtop_", "dovit_")))
 REGIMES = sorted(p.stem for p in (CONF / "regime").glob("*.yaml"))
 REQUIRED = [
-    "dtop_setr_vit_b_ade20k", "dtop_atm_vit_b_ade20k", "dtop_atm_vit_l_ade20k_640", "dtop_atm_vit_l_pcontext59_480",
+    "dtop_setr_vit_b_ade20k",
+    "dtop_atm_vit_b_ade20k",
+    "dtop_atm_vit_l_ade20k_640",
+    "dtop_atm_vit_l_pcontext59_480",
     "dtop_atm_vit_l_cocostuff10k_512",
     *(f"dovit_{a}_vit_{s}_cityscapes" for a in ("setr", "segmenter") for s in "sbl"),
     *(f"dovit_{a}_vit_{s}_ade20k" for a in ("setr", "segmenter") for s in "sb"),
@@ -51,9 +54,14 @@ PAPER_GMACS = {
     "dovit_segmenter_vit_b_ade20k": ((512, 512), "linear", None, None, 105.70),
 }
 # DoViT Table 1: parameters (M) with the three aux heads, at the 768x768 training crop
-DOVIT_PARAMS = {"dovit_setr_vit_s_cityscapes": 22.89, "dovit_setr_vit_b_cityscapes": 88.23,
-                "dovit_setr_vit_l_cityscapes": 306.54, "dovit_segmenter_vit_s_cityscapes": 26.79,
-                "dovit_segmenter_vit_b_cityscapes": 103.99, "dovit_segmenter_vit_l_cityscapes": 334.62}
+DOVIT_PARAMS = {
+    "dovit_setr_vit_s_cityscapes": 22.89,
+    "dovit_setr_vit_b_cityscapes": 88.23,
+    "dovit_setr_vit_l_cityscapes": 306.54,
+    "dovit_segmenter_vit_s_cityscapes": 26.79,
+    "dovit_segmenter_vit_b_cityscapes": 103.99,
+    "dovit_segmenter_vit_l_cityscapes": 334.62,
+}
 CLASSES = {"ade20k": 150, "cityscapes": 19, "pcontext59": 59, "cocostuff10k": 171}
 
 
@@ -112,8 +120,14 @@ def test_every_experiment_composes(name):
         else:
             assert list(cfg.model.prune_layers) == ([8, 16] if depth24 else [6, 8])
             m = cfg.module
-            assert (m.optimizer, m.lr, m.head_lr_mult, m.weight_decay, m.warmup_iters, m.poly_power) == \
-                ("adamw", 2e-5, 10.0, 0.01, 1500, 0.9)
+            assert (m.optimizer, m.lr, m.head_lr_mult, m.weight_decay, m.warmup_iters, m.poly_power) == (
+                "adamw",
+                2e-5,
+                10.0,
+                0.01,
+                1500,
+                0.9,
+            )
             assert cfg.data.batch_size == 16
 
 
@@ -201,9 +215,18 @@ def test_experiment_models_instantiate_tiny(name):
 
 # ------------------------------------------------------------------------------ through the CLI
 
-TINY = ["trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1", "data.train_size=16",
-        "data.val_size=4", "data.batch_size=4", "data.val_batch_size=4", "data.image_size=[64,64]",
-        "callbacks.dashboard.max_images=2", "+trainer.enable_model_summary=false"]
+TINY = [
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "trainer.log_every_n_steps=1",
+    "data.train_size=16",
+    "data.val_size=4",
+    "data.batch_size=4",
+    "data.val_batch_size=4",
+    "data.image_size=[64,64]",
+    "callbacks.dashboard.max_images=2",
+    "+trainer.enable_model_summary=false",
+]
 
 
 def _train(cwd: Path, *overrides: str) -> subprocess.Popen:
@@ -242,10 +265,24 @@ def test_baseline_then_direct_then_finetune(baseline_run):
     assert base_metrics["threshold"] == [1.0] and base_metrics["keep_ratio_per_stage"] == [1.0, 1.0, 1.0]
 
     # 2. DToP@Direct and 3. DToP@Finetune from that checkpoint (independent: run side by side)
-    direct = _train(tmp_path, "regime=direct", f"module.init_ckpt={ckpt}", "model.pruning.threshold=0.3",
-                    "logger=csv", "hydra.run.dir=runs/direct")
-    finetune = _train(tmp_path, "regime=finetune", f"init_ckpt={ckpt}", "model.pruning.threshold=0.3",
-                      "trainer.max_steps=2", "logger=none", "~callbacks.lr_monitor", "hydra.run.dir=runs/finetune")
+    direct = _train(
+        tmp_path,
+        "regime=direct",
+        f"module.init_ckpt={ckpt}",
+        "model.pruning.threshold=0.3",
+        "logger=csv",
+        "hydra.run.dir=runs/direct",
+    )
+    finetune = _train(
+        tmp_path,
+        "regime=finetune",
+        f"init_ckpt={ckpt}",
+        "model.pruning.threshold=0.3",
+        "trainer.max_steps=2",
+        "logger=none",
+        "~callbacks.lr_monitor",
+        "hydra.run.dir=runs/finetune",
+    )
     _wait(direct)
     _wait(finetune)
 

@@ -13,6 +13,7 @@ from tests.kernel_check import kernel_check
 
 pytest.importorskip("triton")
 
+
 def test_grade_kernel_matches_reference_in_interpreter():
     assert kernel_check("grade", "cpu", "float32") == 24
 

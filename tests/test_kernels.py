@@ -14,6 +14,7 @@ from tests.kernel_check import kernel_check
 
 triton = pytest.importorskip("triton")
 
+
 def test_kernels_match_reference_in_interpreter():
     assert kernel_check("cross_entropy", "cpu", "float32") == 8
 

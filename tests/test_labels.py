@@ -13,6 +13,7 @@ from dtop.ops.resize import RUN, resize_operator, resize_taps
 from tests.kernel_check import kernel_check
 from tests.test_engine import K, make_model
 
+
 def test_label_kernel_matches_reference_in_interpreter():
     pytest.importorskip("triton")
     assert kernel_check("labels", "cpu", "float32") == 12
@@ -23,8 +24,9 @@ def test_label_kernel_matches_reference_on_cuda():
     assert kernel_check("labels", "cuda", "bfloat16") == 12
 
 
-@pytest.mark.parametrize("chain", [(32, 512, 512, None), (32, 512, 500, None), (8, 8, 8, None), (3, 3, 3, 23),
-                                   (5, 80, 77, None)])
+@pytest.mark.parametrize(
+    "chain", [(32, 512, 512, None), (32, 512, 500, None), (8, 8, 8, None), (3, 3, 3, 23), (5, 80, 77, None)]
+)
 def test_taps_reproduce_the_resize_operator(chain):
     cpu = torch.device("cpu")
     op, taps = resize_operator(*chain, cpu), resize_taps(*chain, cpu)

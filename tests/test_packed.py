@@ -23,8 +23,17 @@ def _stream(lengths: list[int], prefix: int, phantom: int = 0, seed: int = 0) ->
     if phantom:
         cu = torch.cat([cu, torch.tensor([T])])
     n_special = sum(min(prefix, n) for n in lengths)
-    return TokenStream(torch.randn(T, 4, generator=g), torch.tensor(batch), torch.tensor(pos), cu.to(torch.int32),
-                       max(lengths + [phantom]), len(lengths) + bool(phantom), n_special, False, bool(phantom))
+    return TokenStream(
+        torch.randn(T, 4, generator=g),
+        torch.tensor(batch),
+        torch.tensor(pos),
+        cu.to(torch.int32),
+        max(lengths + [phantom]),
+        len(lengths) + bool(phantom),
+        n_special,
+        False,
+        bool(phantom),
+    )
 
 
 def _reference(stream: TokenStream, keep: torch.Tensor, extra: Extra | None):
@@ -87,7 +96,7 @@ def test_patches_lists_each_images_patch_tokens_in_order(phantom):
         assert ps.pos[seg].tolist() == stream.pos[sel].tolist() and (ps.batch[seg] == b).all()
     if phantom:  # every token once; non-patch tokens join the phantom image, whose segment ends the stream
         assert sorted(idx.tolist()) == list(range(stream.x.shape[0])) and ps.phantom
-        assert int(ps.cu_seqlens[-1]) == stream.x.shape[0] and (ps.batch[int(ps.cu_seqlens[3]):] == 3).all()
+        assert int(ps.cu_seqlens[-1]) == stream.x.shape[0] and (ps.batch[int(ps.cu_seqlens[3]) :] == 3).all()
         assert (ps.pos >= 0).all()
     else:
         assert ps.x.shape[0] == int((stream.pos >= 0).sum()) and ps.num_special == 0
@@ -105,8 +114,9 @@ def test_varlen_flash_gradients_match_per_image_attention():
     T = sum(lengths)
     cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32).cuda()
     batch = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).cuda()
-    stream = TokenStream(torch.empty(T, 1, device="cuda"), batch, torch.zeros_like(batch), cu, max(lengths),
-                         len(lengths), 0, False)
+    stream = TokenStream(
+        torch.empty(T, 1, device="cuda"), batch, torch.zeros_like(batch), cu, max(lengths), len(lengths), 0, False
+    )
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(T, H, D, generator=g).cuda().bfloat16().requires_grad_() for _ in range(3))
     w = torch.randn(T, H, D, generator=g).cuda()
@@ -123,7 +133,8 @@ def test_varlen_flash_gradients_match_per_image_attention():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_pruned_equal_segments_avoid_sdpa_on_cuda(monkeypatch):
-    """A stream pruning shaped (equal lengths after select) takes flash varlen, never SDPA (cuDNN re-plans per length)."""
+    """A stream pruning shaped (equal lengths after select) takes flash varlen, never SDPA (cuDNN re-plans per
+    length)."""
     import torch.nn.functional as F
 
     from dtop.ops.attention import segment_attention

@@ -51,11 +51,27 @@ def multirun(checkpoint, tmp_path_factory):
     of this module run meanwhile; test_eval_multirun_and_collect_sweep waits for it)."""
     cwd = tmp_path_factory.mktemp("multirun")
     # untrained 8-class heads are barely above uniform (1/8): ξ = 0.13 prunes, ξ = 0.9 does not
-    cmd = [sys.executable, "-m", "dtop.cli.evaluate", "-m", "model.pruning.threshold=0.13,0.9",
-           f"ckpt_path={checkpoint}", *DATA, "eval_dense=true", "callbacks=[eval,dashboard]",
-           "callbacks.dashboard.max_images=1", "hydra.sweep.dir=sweep"]
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "dtop.cli.evaluate",
+        "-m",
+        "model.pruning.threshold=0.13,0.9",
+        f"ckpt_path={checkpoint}",
+        *DATA,
+        "eval_dense=true",
+        "callbacks=[eval,dashboard]",
+        "callbacks.dashboard.max_images=1",
+        "hydra.sweep.dir=sweep",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"},
+    )
     yield cwd, proc, cmd
     if proc.poll() is None:
         proc.kill()
@@ -79,15 +95,32 @@ def test_objective_penalises_runs_over_the_gmacs_budget(multirun):
 
 
 def test_collect_sweep_groups_other_swept_overrides(tmp_path):
-    for job, (xi, layers, miou, gm) in enumerate([(0.9, "[4,6]", 40.0, 80.0), (0.95, "[4,6]", 41.0, 85.0),
-                                                  (0.9, "[2,6]", 38.0, 70.0), (0.95, "[2,6]", 39.0, 75.0)]):
+    for job, (xi, layers, miou, gm) in enumerate(
+        [
+            (0.9, "[4,6]", 40.0, 80.0),
+            (0.95, "[4,6]", 41.0, 85.0),
+            (0.9, "[2,6]", 38.0, 70.0),
+            (0.95, "[2,6]", 39.0, 75.0),
+        ]
+    ):
         run = tmp_path / str(job)
         (run / ".hydra").mkdir(parents=True)
         (run / ".hydra" / "overrides.yaml").write_text(
-            f"- model.pruning.threshold={xi}\n- model.prune_layers={layers}\n- ckpt_path=x.ckpt\n")
-        (run / "metrics.json").write_text(json.dumps({
-            "threshold": [xi], "mIoU": miou, "gmacs": gm, "gmacs_linear": gm - 5, "gmacs_dense": 100.0,
-            "keep_ratio_per_stage": [1.0, 0.8, 0.6], "config": {"model": {"prune_layers": json.loads(layers)}}}))
+            f"- model.pruning.threshold={xi}\n- model.prune_layers={layers}\n- ckpt_path=x.ckpt\n"
+        )
+        (run / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "threshold": [xi],
+                    "mIoU": miou,
+                    "gmacs": gm,
+                    "gmacs_linear": gm - 5,
+                    "gmacs_dense": 100.0,
+                    "keep_ratio_per_stage": [1.0, 0.8, 0.6],
+                    "config": {"model": {"prune_layers": json.loads(layers)}},
+                }
+            )
+        )
     cs = sweeps
     table = cs.collect(tmp_path)
     assert list(table["threshold"]) == [0.95, 0.95, 0.9, 0.9]
@@ -98,9 +131,15 @@ def test_collect_sweep_groups_other_swept_overrides(tmp_path):
 
 
 def test_choose_threshold_rules():
-    table = pd.DataFrame({"threshold": [0.7, 0.8, 0.9, 0.95, 1.0], "xi_min": [0.7, 0.8, 0.9, 0.95, 1.0],
-                          "mIoU": [44.0, 46.5, 47.2, 47.6, 47.7], "drop": [3.7, 1.2, 0.5, 0.1, 0.0],
-                          "gmacs_target": [70.0, 75.0, 80.0, 90.0, 107.0]})
+    table = pd.DataFrame(
+        {
+            "threshold": [0.7, 0.8, 0.9, 0.95, 1.0],
+            "xi_min": [0.7, 0.8, 0.9, 0.95, 1.0],
+            "mIoU": [44.0, 46.5, 47.2, 47.6, 47.7],
+            "drop": [3.7, 1.2, 0.5, 0.1, 0.0],
+            "gmacs_target": [70.0, 75.0, 80.0, 90.0, 107.0],
+        }
+    )
     assert choose(table.copy(), max_drop=1.0, gmacs_budget=None)["threshold"] == 0.9  # lowest ξ within 1 point
     assert choose(table.copy(), max_drop=0.2, gmacs_budget=None)["threshold"] == 0.95
     assert choose(table.copy(), max_drop=None, gmacs_budget=85.0)["threshold"] == 0.9  # best mIoU within budget
@@ -113,9 +152,18 @@ def test_choose_threshold_rules():
 
 
 def test_calibrate_loads_once_and_writes_the_table(tmp_path, checkpoint):
-    cfg = _compose("calibrate", [f"ckpt_path={checkpoint}", *DATA, "calibrate.max_images=6",
-                                 "calibrate.thresholds=[0.13,0.3,[0.13,1.0],0.9]", "calibrate.max_drop=100",
-                                 f"paths.output_dir={tmp_path}", f"paths.root_dir={tmp_path}"])
+    cfg = _compose(
+        "calibrate",
+        [
+            f"ckpt_path={checkpoint}",
+            *DATA,
+            "calibrate.max_images=6",
+            "calibrate.thresholds=[0.13,0.3,[0.13,1.0],0.9]",
+            "calibrate.max_drop=100",
+            f"paths.output_dir={tmp_path}",
+            f"paths.root_dir={tmp_path}",
+        ],
+    )
     result = run_calibration(cfg)
     assert result["images"] == 6
     table = pd.read_csv(tmp_path / "calibration.csv")
@@ -134,8 +182,11 @@ def test_optuna_search_configs_compose():
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     for name, stages, key in (("dtop_optuna", 2, "gmacs"), ("dovit_optuna", 3, "gmacs_linear")):
         model = "dtop_fcn_tiny" if stages == 2 else "dovit_fcn_tiny"
-        cfg = _compose("eval", [f"hparams_search={name}", f"model={model}", "ckpt_path=x", "gmacs_budget=80"],
-                       return_hydra_config=True)
+        cfg = _compose(
+            "eval",
+            [f"hparams_search={name}", f"model={model}", "ckpt_path=x", "gmacs_budget=80"],
+            return_hydra_config=True,
+        )
         assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.sweeper.direction == "maximize"
         assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
         assert sorted(cfg.hydra.sweeper.params) == [f"search.xi_s{s}" for s in range(stages)]

@@ -5,7 +5,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dtop.data.base import IMAGENET_MEAN, IMAGENET_STD, EpochSeededRandomSampler, seg_collate
-from dtop.data.synthetic import CLASS_NAMES, PALETTE, SKY, ROAD, SyntheticDataModule, SyntheticSegDataset
+from dtop.data.synthetic import CLASS_NAMES, PALETTE, ROAD, SKY, SyntheticDataModule, SyntheticSegDataset
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)

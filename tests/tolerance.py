@@ -24,8 +24,9 @@ def reorder_atol(expected: torch.Tensor) -> float:
 
 def assert_reordered_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     """``actual`` equals ``expected`` up to what reordering the float reductions can change."""
-    torch.testing.assert_close(actual, expected, rtol=REORDER_ULPS * torch.finfo(expected.dtype).eps,
-                               atol=reorder_atol(expected))
+    torch.testing.assert_close(
+        actual, expected, rtol=REORDER_ULPS * torch.finfo(expected.dtype).eps, atol=reorder_atol(expected)
+    )
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -11,9 +11,10 @@ import copy
 import json
 import statistics
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import hydra
 import torch
@@ -23,10 +24,10 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from dtop.cli.common import CONFIG_PATH
 from dtop.checkpoint import load_model_weights
+from dtop.cli.common import CONFIG_PATH
 from dtop.losses import cross_entropy
-from dtop.models.engine import SegOutput, Segmentor
+from dtop.models.engine import Segmentor, SegOutput
 from dtop.models.graphs import GraphedSegmentor
 from dtop.models.policies import RecordedDecisions, random_keep_masks
 
@@ -36,6 +37,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def _timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
     """Milliseconds one call takes: CUDA events on GPU, perf_counter on CPU."""
     if device.type == "cuda":
+
         def run(fn: Callable[[], Any]) -> float:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -44,10 +46,12 @@ def _timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
             end.synchronize()
             return start.elapsed_time(end)
     else:
+
         def run(fn: Callable[[], Any]) -> float:
             t0 = time.perf_counter()
             fn()
             return (time.perf_counter() - t0) * 1e3
+
     return run
 
 
@@ -84,8 +88,15 @@ def _measure(fn: Callable[[int], Any], warmup: int, iters: int, device: torch.de
 class Inputs:
     """A pool of fresh random (or real) batches, rotated so no timing sees one buffer twice in a row."""
 
-    def __init__(self, batch: int, size: tuple[int, int], classes: int, device: torch.device, pool: int = 4,
-                 images: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        batch: int,
+        size: tuple[int, int],
+        classes: int,
+        device: torch.device,
+        pool: int = 4,
+        images: torch.Tensor | None = None,
+    ) -> None:
         g = torch.Generator().manual_seed(0)
         if images is None:
             self.images = [torch.randn(batch, 3, *size, generator=g).to(device) for _ in range(pool)]
@@ -124,7 +135,9 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     inputs = Inputs(B, size, model.num_classes, device, images=real)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     if cfg.precision not in ("pure", "mixed"):
-        raise ValueError(f"precision must be 'pure' (weights cast to dtype) or 'mixed' (autocast); got {cfg.precision!r}.")
+        raise ValueError(
+            f"precision must be 'pure' (weights cast to dtype) or 'mixed' (autocast); got {cfg.precision!r}."
+        )
     train_model = model
     if cfg.precision == "pure" and dtype != torch.float32:
         # inference on a copy whose weights are in ``dtype`` (Lightning's "bf16-true"): no per-call weight
@@ -149,7 +162,7 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         if real is None:
             recorded.set_keep(masks[i % len(masks)])
         images = inputs(i)[0].to(infer_dtype)
-        with torch.no_grad(), infer_autocast, (model.dense_mode() if dense else nullcontext()):
+        with torch.no_grad(), infer_autocast, model.dense_mode() if dense else nullcontext():
             if upsample:
                 runner.segment(images)
             else:
@@ -164,12 +177,19 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
             replayed = graphed(inputs(0)[0].to(infer_dtype)).logits.float()
             eager = model(inputs(0)[0].to(infer_dtype), keep_stages=False).logits.float()
         graph_diff = float((replayed - eager).abs().max() / eager.abs().max())
-    result: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                              "torch": torch.__version__, "backbone": model.backbone.name, "batch_size": B,
-                              "input_size": list(size), "dtype": cfg.dtype, "precision": cfg.precision,
-                              "cuda_graphs": graphed is not None, "compile": bool(cfg.compile),
-                              "graph_vs_eager_rel_diff": graph_diff,
-                              "decisions": "model" if real is not None else f"keep {list(cfg.keep)} ± {cfg.keep_spread}"}
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "backbone": model.backbone.name,
+        "batch_size": B,
+        "input_size": list(size),
+        "dtype": cfg.dtype,
+        "precision": cfg.precision,
+        "cuda_graphs": graphed is not None,
+        "compile": bool(cfg.compile),
+        "graph_vs_eager_rel_diff": graph_diff,
+        "decisions": "model" if real is not None else f"keep {list(cfg.keep)} ± {cfg.keep_spread}",
+    }
     dense_t = _measure(lambda i: infer(i, True), cfg.warmup, cfg.iters, device)
     pruned_t = _measure(lambda i: infer(i, False), cfg.warmup, cfg.iters, device)
     dense_fwd = _measure(lambda i: infer(i, True, False), cfg.warmup, cfg.iters, device)
@@ -186,26 +206,47 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     gmacs_ratio = statistics.mean(macs) / dense_macs
     time_ratio = pruned_t["ms"] / dense_t["ms"]
     result["inference"] = {
-        "dense_ms": dense_t["ms"], "pruned_ms": pruned_t["ms"],
-        "dense_img_s": 1e3 * B / dense_t["ms"], "pruned_img_s": 1e3 * B / pruned_t["ms"],
-        "gmacs_dense": dense_macs / 1e9, "gmacs_pruned": statistics.mean(macs) / 1e9,
-        "gmacs_ratio": gmacs_ratio, "time_ratio": time_ratio, "efficiency": gmacs_ratio / time_ratio,
-        "forward_dense_ms": dense_fwd["ms"], "forward_pruned_ms": pruned_fwd["ms"],
+        "dense_ms": dense_t["ms"],
+        "pruned_ms": pruned_t["ms"],
+        "dense_img_s": 1e3 * B / dense_t["ms"],
+        "pruned_img_s": 1e3 * B / pruned_t["ms"],
+        "gmacs_dense": dense_macs / 1e9,
+        "gmacs_pruned": statistics.mean(macs) / 1e9,
+        "gmacs_ratio": gmacs_ratio,
+        "time_ratio": time_ratio,
+        "efficiency": gmacs_ratio / time_ratio,
+        "forward_dense_ms": dense_fwd["ms"],
+        "forward_pruned_ms": pruned_fwd["ms"],
         "forward_efficiency": gmacs_ratio * dense_fwd["ms"] / pruned_fwd["ms"],
         "keep_ratio_per_stage": (tokens / tokens[0]).tolist(),
-        "dense_peak_mib": dense_t["peak_mib"], "pruned_peak_mib": pruned_t["peak_mib"],
+        "dense_peak_mib": dense_t["peak_mib"],
+        "pruned_peak_mib": pruned_t["peak_mib"],
     }
     if cfg.train_step:
         if train_model is not model:
             del model
             train_model.to(device)
-        result["train"] = _bench_train(cfg, train_model, inputs, autocast, device, masks if real is None else None,
-                                       recorded if real is None else None)
+        result["train"] = _bench_train(
+            cfg,
+            train_model,
+            inputs,
+            autocast,
+            device,
+            masks if real is None else None,
+            recorded if real is None else None,
+        )
     return result
 
 
-def _bench_train(cfg: DictConfig, model: Segmentor, inputs: Inputs, autocast: Any, device: torch.device,
-                 masks: list | None, recorded: RecordedDecisions | None) -> dict[str, float]:
+def _bench_train(
+    cfg: DictConfig,
+    model: Segmentor,
+    inputs: Inputs,
+    autocast: Any,
+    device: torch.device,
+    masks: list | None,
+    recorded: RecordedDecisions | None,
+) -> dict[str, float]:
     """One optimiser step as ``dtop-train`` takes it: forward under autocast, CE on the final and every
     stage map at full resolution, backward, AdamW (fused on CUDA)."""
     model.train()
@@ -217,7 +258,7 @@ def _bench_train(cfg: DictConfig, model: Segmentor, inputs: Inputs, autocast: An
         if recorded is not None:
             recorded.set_keep(masks[i % len(masks)])
         images, labels = inputs(i)
-        with autocast, (model.dense_mode() if dense else nullcontext()):
+        with autocast, model.dense_mode() if dense else nullcontext():
             out = model(images)
             loss = sum(cross_entropy(model.upsampled(m, out), labels) for m in [out.logits, *out.stage_logits])
         if len(macs[dense]) < 8:
@@ -229,28 +270,42 @@ def _bench_train(cfg: DictConfig, model: Segmentor, inputs: Inputs, autocast: An
     dense_t = _measure(lambda i: step(i, True), cfg.warmup, cfg.iters, device)
     pruned_t = _measure(lambda i: step(i, False), cfg.warmup, cfg.iters, device)
     model.eval()
-    return {"dense_ms": dense_t["ms"], "pruned_ms": pruned_t["ms"], "speedup": dense_t["ms"] / pruned_t["ms"],
-            "gmacs_ratio_fwd": statistics.mean(macs[False]) / statistics.mean(macs[True]),
-            "dense_peak_mib": dense_t["peak_mib"],
-            "pruned_peak_mib": pruned_t["peak_mib"]}
+    return {
+        "dense_ms": dense_t["ms"],
+        "pruned_ms": pruned_t["ms"],
+        "speedup": dense_t["ms"] / pruned_t["ms"],
+        "gmacs_ratio_fwd": statistics.mean(macs[False]) / statistics.mean(macs[True]),
+        "dense_peak_mib": dense_t["peak_mib"],
+        "pruned_peak_mib": pruned_t["peak_mib"],
+    }
 
 
 def print_result(result: dict[str, Any]) -> None:
-    table = Table(title=f"dtop-bench · {result['backbone']} · {result['device']} · batch {result['batch_size']} · "
-                        f"{result['input_size'][0]}×{result['input_size'][1]} · {result['dtype']}")
+    table = Table(
+        title=f"dtop-bench · {result['backbone']} · {result['device']} · batch {result['batch_size']} · "
+        f"{result['input_size'][0]}×{result['input_size'][1]} · {result['dtype']}"
+    )
     for col in ("", "dense", "pruned", "ratio"):
         table.add_column(col, justify="right")
     inf = result["inference"]
     table.add_row("ms / batch", f"{inf['dense_ms']:.3f}", f"{inf['pruned_ms']:.3f}", f"{inf['time_ratio']:.3f}")
     table.add_row("images / s", f"{inf['dense_img_s']:.1f}", f"{inf['pruned_img_s']:.1f}", "")
-    table.add_row("GMACs / image", f"{inf['gmacs_dense']:.2f}", f"{inf['gmacs_pruned']:.2f}", f"{inf['gmacs_ratio']:.3f}")
+    table.add_row(
+        "GMACs / image", f"{inf['gmacs_dense']:.2f}", f"{inf['gmacs_pruned']:.2f}", f"{inf['gmacs_ratio']:.3f}"
+    )
     table.add_row("peak MiB", f"{inf['dense_peak_mib']:.0f}", f"{inf['pruned_peak_mib']:.0f}", "")
     table.add_row("efficiency", "", "", f"{inf['efficiency']:.3f}")
-    table.add_row("forward ms (no upsampling)", f"{inf['forward_dense_ms']:.3f}", f"{inf['forward_pruned_ms']:.3f}",
-                  f"eff. {inf['forward_efficiency']:.3f}")
+    table.add_row(
+        "forward ms (no upsampling)",
+        f"{inf['forward_dense_ms']:.3f}",
+        f"{inf['forward_pruned_ms']:.3f}",
+        f"eff. {inf['forward_efficiency']:.3f}",
+    )
     if "train" in result:
         tr = result["train"]
-        table.add_row("train ms / step", f"{tr['dense_ms']:.3f}", f"{tr['pruned_ms']:.3f}", f"×{tr['speedup']:.2f} faster")
+        table.add_row(
+            "train ms / step", f"{tr['dense_ms']:.3f}", f"{tr['pruned_ms']:.3f}", f"×{tr['speedup']:.2f} faster"
+        )
         table.add_row("train peak MiB", f"{tr['dense_peak_mib']:.0f}", f"{tr['pruned_peak_mib']:.0f}", "")
     Console().print(table)
 

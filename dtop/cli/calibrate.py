@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import hydra
 import lightning as L
@@ -35,9 +36,9 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader, Subset
 
+from dtop.checkpoint import load_model_weights
 from dtop.cli.common import CONFIG_PATH, build, log, make_trainer, print_config_tree
 from dtop.data.base import seg_collate
-from dtop.checkpoint import load_model_weights
 
 # ------------------------------------------------------------------------- sweep objective
 
@@ -79,8 +80,14 @@ def objective(metrics: Mapping[str, Any], cfg: DictConfig | Mapping[str, Any]) -
     gmacs = float(_lookup(metrics, cfg.get("gmacs_metric") or "gmacs"))
     result = penalized(value, gmacs, float(budget))
     if result != value:
-        log.info("GMACs %.4g exceed the budget %.4g: objective %s = %.4g instead of %.4g.", gmacs, float(budget),
-                 name, result, value)
+        log.info(
+            "GMACs %.4g exceed the budget %.4g: objective %s = %.4g instead of %.4g.",
+            gmacs,
+            float(budget),
+            name,
+            result,
+            value,
+        )
     return result
 
 
@@ -123,8 +130,13 @@ def calibration_loader(dm: Any, max_images: int | None, seed: int | None = None)
         indices = list(range(count))
     else:
         indices = sorted(torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))[:count].tolist())
-    return DataLoader(Subset(dataset, indices), batch_size=dm.val_batch_size, shuffle=False,
-                      num_workers=dm.num_workers, collate_fn=seg_collate)
+    return DataLoader(
+        Subset(dataset, indices),
+        batch_size=dm.val_batch_size,
+        shuffle=False,
+        num_workers=dm.num_workers,
+        collate_fn=seg_collate,
+    )
 
 
 def _thresholds(values: Sequence[Any]) -> list[Any]:
@@ -163,17 +175,25 @@ def run_calibration(cfg: DictConfig) -> dict[str, Any]:
     for xi in _thresholds(c.thresholds):
         policy.set_threshold(xi)
         ev = run()
-        row = {"threshold": _label(xi), "xi_min": min(xi) if isinstance(xi, list) else xi,
-               "mIoU": ev["mIoU"], "drop": round(dense["mIoU"] - ev["mIoU"], 4),
-               "gmacs": ev["gmacs"], "gmacs_linear": ev["gmacs_linear"],
-               "gmacs_target": ev[key], "saving": round(1 - ev[key] / dense[key], 4) if dense[key] else math.nan}
+        row = {
+            "threshold": _label(xi),
+            "xi_min": min(xi) if isinstance(xi, list) else xi,
+            "mIoU": ev["mIoU"],
+            "drop": round(dense["mIoU"] - ev["mIoU"], 4),
+            "gmacs": ev["gmacs"],
+            "gmacs_linear": ev["gmacs_linear"],
+            "gmacs_target": ev[key],
+            "saving": round(1 - ev[key] / dense[key], 4) if dense[key] else math.nan,
+        }
         row.update({f"keep_s{s}": k for s, k in enumerate(ev.get("keep_ratio_per_stage", []))})
         rows.append(row)
         log.info("ξ=%s: mIoU %.2f (dense %.2f), %s %.4g", row["threshold"], ev["mIoU"], dense["mIoU"], key, ev[key])
     table = pd.DataFrame(rows)
     chosen = choose(table, c.get("max_drop"), c.get("gmacs_budget"))
     result = {
-        "checkpoint": cfg.get("ckpt_path"), "images": int(dense.get("images", 0)), "gmacs_key": key,
+        "checkpoint": cfg.get("ckpt_path"),
+        "images": int(dense.get("images", 0)),
+        "gmacs_key": key,
         "target": {"max_drop": c.get("max_drop"), "gmacs_budget": c.get("gmacs_budget")},
         "dense": {k: dense[k] for k in ("mIoU", "aAcc", "mAcc", "gmacs", "gmacs_linear") if k in dense},
         "chosen_threshold": None if chosen is None else chosen["threshold"],
@@ -193,36 +213,59 @@ def write_outputs(out: Path, table: pd.DataFrame, result: dict[str, Any]) -> Non
     (out / "calibration.json").write_text(json.dumps(result, indent=2, default=str))
     key = result["gmacs_key"]
     dense = result["dense"]
-    plot_tradeoff(table, out / "calibration.png", x=key, y="mIoU", label="threshold",
-                  dense=(dense.get(key, math.nan), dense.get("mIoU", math.nan)),
-                  title=f"calibration on {result['images']} val images (chosen ξ = {result['chosen_threshold']})")
+    plot_tradeoff(
+        table,
+        out / "calibration.png",
+        x=key,
+        y="mIoU",
+        label="threshold",
+        dense=(dense.get(key, math.nan), dense.get("mIoU", math.nan)),
+        title=f"calibration on {result['images']} val images (chosen ξ = {result['chosen_threshold']})",
+    )
 
 
 def print_table(table: pd.DataFrame, result: dict[str, Any]) -> None:
     key = result["gmacs_key"]
-    t = Table(title=f"dtop-calibrate · dense mIoU {result['dense']['mIoU']:.2f}, "
-                    f"{key} {result['dense'].get(key, float('nan')):.4g} · {result['images']} images")
+    t = Table(
+        title=f"dtop-calibrate · dense mIoU {result['dense']['mIoU']:.2f}, "
+        f"{key} {result['dense'].get(key, float('nan')):.4g} · {result['images']} images"
+    )
     keep = [c for c in table.columns if c.startswith("keep_s")]
-    cols = ["ξ", "mIoU", "drop", key, "saving", "keep / stage"] + [c for c in ("meets_drop", "meets_budget")
-                                                                    if c in table] + ["chosen"]
+    cols = (
+        ["ξ", "mIoU", "drop", key, "saving", "keep / stage"]
+        + [c for c in ("meets_drop", "meets_budget") if c in table]
+        + ["chosen"]
+    )
     for col in cols:
         t.add_column(col, justify="right")
     for _, r in table.iterrows():
-        cells = [str(r["threshold"]), f"{r['mIoU']:.2f}", f"{r['drop']:+.2f}", f"{r['gmacs_target']:.4g}",
-                 f"{100 * r['saving']:.1f}%", " / ".join(f"{r[k]:.2f}" for k in keep)]
+        cells = [
+            str(r["threshold"]),
+            f"{r['mIoU']:.2f}",
+            f"{r['drop']:+.2f}",
+            f"{r['gmacs_target']:.4g}",
+            f"{100 * r['saving']:.1f}%",
+            " / ".join(f"{r[k]:.2f}" for k in keep),
+        ]
         cells += ["✓" if r[c] else "✗" for c in ("meets_drop", "meets_budget") if c in table]
         cells.append("◀" if r["chosen"] else "")
         t.add_row(*cells)
     Console().print(t)
     if result["chosen_threshold"] is None:
-        Console().print("[bold red]No candidate ξ meets the target[/]: keep ξ = 1 (no pruning), relax the target or "
-                        "add candidates (calibrate.thresholds).")
+        Console().print(
+            "[bold red]No candidate ξ meets the target[/]: keep ξ = 1 (no pruning), relax the target or "
+            "add candidates (calibrate.thresholds)."
+        )
     else:
-        Console().print(f"[bold]chosen ξ = {result['chosen_threshold']}[/]  (use model.pruning.threshold="
-                        f"{result['chosen_threshold']})")
+        Console().print(
+            f"[bold]chosen ξ = {result['chosen_threshold']}[/]  (use model.pruning.threshold="
+            f"{result['chosen_threshold']})"
+        )
         if result["chosen"]["saving"] <= 0:
-            Console().print("[yellow]At this ξ pruning saves nothing on the subset (the aux heads cost more than the "
-                            "tokens they remove): the dense model (ξ = 1) is as cheap.[/]")
+            Console().print(
+                "[yellow]At this ξ pruning saves nothing on the subset (the aux heads cost more than the "
+                "tokens they remove): the dense model (ξ = 1) is as cheap.[/]"
+            )
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="calibrate")

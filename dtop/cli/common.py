@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
 
-from dtop.data.base import SegDataModule
 from dtop.checkpoint import load_model_weights
+from dtop.data.base import SegDataModule
 from dtop.lit.module import SegModule
 from dtop.models.engine import Segmentor
 
@@ -30,8 +30,11 @@ def print_config_tree(cfg: DictConfig, save_dir: str | Path | None = None) -> No
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for key, value in resolved.items():
         branch = tree.add(f"[bold]{key}")
-        branch.add(OmegaConf.to_yaml(OmegaConf.create({key: value}) if not isinstance(value, dict)
-                                     else OmegaConf.create(value)).rstrip())
+        branch.add(
+            OmegaConf.to_yaml(
+                OmegaConf.create({key: value}) if not isinstance(value, dict) else OmegaConf.create(value)
+            ).rstrip()
+        )
     Console().print(tree)
     if save_dir is not None:
         Path(save_dir).mkdir(parents=True, exist_ok=True)
@@ -43,8 +46,14 @@ def build(cfg: DictConfig) -> tuple[SegDataModule, SegModule]:
     dm: SegDataModule = instantiate(cfg.data)
     model: Segmentor = instantiate(cfg.model)
     module: SegModule = instantiate(cfg.module)(
-        model=model, num_classes=dm.num_classes, ignore_index=dm.ignore_index, eval_mode=dm.eval_mode,
-        crop_size=dm.crop_size, stride=dm.stride, class_names=list(dm.class_names))
+        model=model,
+        num_classes=dm.num_classes,
+        ignore_index=dm.ignore_index,
+        eval_mode=dm.eval_mode,
+        crop_size=dm.crop_size,
+        stride=dm.stride,
+        class_names=list(dm.class_names),
+    )
     return dm, module
 
 
@@ -64,8 +73,9 @@ def evaluate(trainer: L.Trainer, module: SegModule, dm: SegDataModule) -> tuple[
     return dict(module.last_eval), pd.DataFrame(module.per_image)
 
 
-def evaluate_checkpoint(cfg: DictConfig, dm: SegDataModule, module: SegModule, trainer: L.Trainer,
-                        ckpt_path: str | None, eval_dense: bool) -> dict[str, Any]:
+def evaluate_checkpoint(
+    cfg: DictConfig, dm: SegDataModule, module: SegModule, trainer: L.Trainer, ckpt_path: str | None, eval_dense: bool
+) -> dict[str, Any]:
     """Evaluate pruned (and dense) after loading ``ckpt_path``; write metrics.json and per_image.parquet."""
     if ckpt_path:
         load_model_weights(module.model, ckpt_path)
@@ -105,10 +115,22 @@ def print_summary(metrics: dict[str, Any], title: str = "dtop") -> None:
     keep = " / ".join(f"{k:.2f}" for k in metrics.get("keep_ratio_per_stage", []))
     thr = metrics.get("threshold")
     label = f"pruned (ξ={thr[0] if thr and len(thr) == 1 else thr})"
-    table.add_row(label, *(f"{metrics[k]:.2f}" for k in ("mIoU", "aAcc", "mAcc")), f"{metrics['gmacs']:.4f}",
-                  f"{metrics['gmacs_linear']:.4f}", keep, str(metrics["images"]))
+    table.add_row(
+        label,
+        *(f"{metrics[k]:.2f}" for k in ("mIoU", "aAcc", "mAcc")),
+        f"{metrics['gmacs']:.4f}",
+        f"{metrics['gmacs_linear']:.4f}",
+        keep,
+        str(metrics["images"]),
+    )
     dense = metrics.get("dense")
     if dense:
-        table.add_row("dense", *(f"{dense[k]:.2f}" for k in ("mIoU", "aAcc", "mAcc")), f"{dense['gmacs']:.4f}",
-                      f"{dense['gmacs_linear']:.4f}", "1.00", str(metrics["images"]))
+        table.add_row(
+            "dense",
+            *(f"{dense[k]:.2f}" for k in ("mIoU", "aAcc", "mAcc")),
+            f"{dense['gmacs']:.4f}",
+            f"{dense['gmacs_linear']:.4f}",
+            "1.00",
+            str(metrics["images"]),
+        )
     Console().print(table)

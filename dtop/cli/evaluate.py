@@ -25,6 +25,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 def main(cfg: DictConfig) -> float:
     from dtop.cli.calibrate import objective  # mIoU (cfg.optimized_metric), penalised above cfg.gmacs_budget
+
     return objective(evaluate(cfg), cfg)
 
 

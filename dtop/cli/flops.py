@@ -24,8 +24,11 @@ def breakdown(model: Segmentor, height: int, width: int) -> list[tuple[str, floa
     parts = model.dense_macs_parts(height, width)
     blocks = [row for row in parts if row[0].startswith("block ")]
     tokens = blocks[0][0].split("(")[1].rstrip(")")
-    rows = [parts[0], (f"{len(blocks)} blocks ({tokens})", sum(a for _, a, _ in blocks), sum(b for _, _, b in blocks)),
-            parts[-1]]
+    rows = [
+        parts[0],
+        (f"{len(blocks)} blocks ({tokens})", sum(a for _, a, _ in blocks), sum(b for _, _, b in blocks)),
+        parts[-1],
+    ]
     return [(name, a / 1e9, b / 1e9) for name, a, b in rows]
 
 
@@ -49,15 +52,24 @@ def flops(cfg: DictConfig) -> dict[str, Any]:
     table.add_row("[bold]total", f"[bold]{gmacs:.4f}", f"[bold]{gmacs_lin:.4f}")
     Console().print(table)
     params = sum(p.numel() for p in model.parameters())
-    result: dict[str, Any] = {"input_size": [H, W], "gmacs": round(gmacs, 4), "gmacs_linear": round(gmacs_lin, 4),
-                              "params_m": round(params / 1e6, 3), "backbone": model.backbone.name,
-                              "num_classes": model.num_classes}
+    result: dict[str, Any] = {
+        "input_size": [H, W],
+        "gmacs": round(gmacs, 4),
+        "gmacs_linear": round(gmacs_lin, 4),
+        "params_m": round(params / 1e6, 3),
+        "backbone": model.backbone.name,
+        "num_classes": model.num_classes,
+    }
     if cfg.get("ckpt_path"):
         L.seed_everything(cfg.seed)
         dm, module = build(cfg)
         metrics = evaluate_checkpoint(cfg, dm, module, make_trainer(cfg), cfg.ckpt_path, eval_dense=False)
-        result.update({f"pruned_{k}": metrics[k] for k in ("gmacs", "gmacs_linear", "gmacs_dense",
-                                                          "keep_ratio_per_stage", "mIoU", "images")})
+        result.update(
+            {
+                f"pruned_{k}": metrics[k]
+                for k in ("gmacs", "gmacs_linear", "gmacs_dense", "keep_ratio_per_stage", "mIoU", "images")
+            }
+        )
     print(json.dumps(result))
     return result
 

@@ -136,17 +136,25 @@ class SegDataModule(L.LightningDataModule):
                 "with drop_last=True an epoch would contain no batch"
             )
         sampler = EpochSeededRandomSampler(num_samples, self.seed)
-        return self._loader(
-            self.train_dataset, "train", batch_size=self.batch_size, sampler=sampler, drop_last=True
-        )
+        return self._loader(self.train_dataset, "train", batch_size=self.batch_size, sampler=sampler, drop_last=True)
 
     # Under DDP the eval loaders shard without padding (each image on exactly one rank, in whole single-device
     # batches): see dtop.data.sampler. On one device the sampler is None, i.e. sequential.
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, "val", batch_size=self.val_batch_size, shuffle=False,
-                            sampler=eval_sampler(self.val_dataset, self.val_batch_size))
+        return self._loader(
+            self.val_dataset,
+            "val",
+            batch_size=self.val_batch_size,
+            shuffle=False,
+            sampler=eval_sampler(self.val_dataset, self.val_batch_size),
+        )
 
     def test_dataloader(self) -> DataLoader:
         dataset = self.test_dataset if self.test_dataset is not None else self.val_dataset
-        return self._loader(dataset, "test", batch_size=self.val_batch_size, shuffle=False,
-                            sampler=eval_sampler(dataset, self.val_batch_size))
+        return self._loader(
+            dataset,
+            "test",
+            batch_size=self.val_batch_size,
+            shuffle=False,
+            sampler=eval_sampler(dataset, self.val_batch_size),
+        )

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler, Sampler
 
+
 def dist_rank_world() -> tuple[int, int]:
     """``(rank, world_size)`` of the default process group, or ``(0, 1)`` without one."""
     if dist.is_available() and dist.is_initialized():
@@ -34,26 +35,37 @@ def shard_indices(num_samples: int, world_size: int, rank: int, batch_size: int 
     if world_size < 1 or not 0 <= rank < world_size or batch_size < 1:
         raise ValueError(f"bad shard request: world_size={world_size}, rank={rank}, batch_size={batch_size}")
     if num_samples < world_size:
-        raise ValueError(f"cannot evaluate {num_samples} images on {world_size} processes without repeating "
-                         "some (every rank must run at least one batch). Evaluate on fewer devices.")
+        raise ValueError(
+            f"cannot evaluate {num_samples} images on {world_size} processes without repeating "
+            "some (every rank must run at least one batch). Evaluate on fewer devices."
+        )
     num_batches = math.ceil(num_samples / batch_size)
     if num_batches < world_size:
         return list(range(rank, num_samples, world_size))
-    return [i for b in range(rank, num_batches, world_size)
-            for i in range(b * batch_size, min((b + 1) * batch_size, num_samples))]
+    return [
+        i
+        for b in range(rank, num_batches, world_size)
+        for i in range(b * batch_size, min((b + 1) * batch_size, num_samples))
+    ]
 
 
 class EvalDistributedSampler(DistributedSampler):
     """Non-padding, batch-aligned eval sharding (see the module docstring); no shuffling, no epochs."""
 
-    def __init__(self, dataset: Sized, batch_size: int = 1, num_replicas: int | None = None,
-                 rank: int | None = None) -> None:
+    def __init__(
+        self, dataset: Sized, batch_size: int = 1, num_replicas: int | None = None, rank: int | None = None
+    ) -> None:
         if num_replicas is None or rank is None:
             r, w = dist_rank_world()
             num_replicas = w if num_replicas is None else num_replicas
             rank = r if rank is None else rank
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False,  # type: ignore[arg-type]
-                         drop_last=False)
+        super().__init__(
+            dataset,
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=False,  # type: ignore[arg-type]
+            drop_last=False,
+        )
         self.batch_size = batch_size
         self.total_size = len(dataset)
         self.indices = shard_indices(self.total_size, num_replicas, rank, batch_size)

@@ -41,9 +41,7 @@ MIN_SIDE = 32
 
 _MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
 _STD = np.asarray(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
-_SIGN_COLOURS = np.asarray(
-    [[0.85, 0.1, 0.1], [0.9, 0.8, 0.1], [0.1, 0.3, 0.85], [0.92, 0.92, 0.92]], dtype=np.float32
-)
+_SIGN_COLOURS = np.asarray([[0.85, 0.1, 0.1], [0.9, 0.8, 0.1], [0.1, 0.3, 0.85], [0.92, 0.92, 0.92]], dtype=np.float32)
 
 
 def _building_colours(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -245,7 +243,8 @@ def _check_image_size(image_size: Sequence[int]) -> tuple[int, int]:
 def _check_num_classes(num_classes: int) -> None:
     if num_classes != len(CLASS_NAMES):
         raise ValueError(
-            f"the synthetic generator draws exactly {len(CLASS_NAMES)} classes {CLASS_NAMES}; got num_classes={num_classes}"
+            f"the synthetic generator draws exactly {len(CLASS_NAMES)} classes {CLASS_NAMES}; "
+            f"got num_classes={num_classes}"
         )
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import importlib
-from functools import lru_cache
+from functools import cache
 from types import ModuleType
 
 
-@lru_cache(maxsize=None)
+@cache
 def load(name: str) -> ModuleType | None:
     """The kernel module ``dtop.kernels.<name>``, or None where Triton is missing (callers fall back to PyTorch)."""
     module = f"{__name__}.{name}"

@@ -28,8 +28,27 @@ LONG_FROM = 2048
 
 
 @triton.jit(do_not_specialize=["max_len"])
-def _attention(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, max_len, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h,
-               qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _attention(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    o_ptr,
+    cu_ptr,
+    max_len,
+    sq_t,
+    sq_h,
+    sk_t,
+    sk_h,
+    sv_t,
+    sv_h,
+    so_t,
+    so_h,
+    qk_scale,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     m_block = tl.program_id(0)
     seg = tl.program_id(1)
     head = tl.program_id(2)
@@ -39,8 +58,11 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, max_len, sq_t, sq_h, sk_t, sk
         rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, D)
         row_ok = rows < n
-        q = tl.load(q_ptr + (start + rows)[:, None].to(tl.int64) * sq_t + head * sq_h + dims[None, :],
-                    mask=row_ok[:, None], other=0.0)
+        q = tl.load(
+            q_ptr + (start + rows)[:, None].to(tl.int64) * sq_t + head * sq_h + dims[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        )
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -59,8 +81,11 @@ def _attention(q_ptr, k_ptr, v_ptr, o_ptr, cu_ptr, max_len, sq_t, sq_h, sk_t, sk
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         out = acc / l_i[:, None]
-        tl.store(o_ptr + (start + rows)[:, None].to(tl.int64) * so_t + head * so_h + dims[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(
+            o_ptr + (start + rows)[:, None].to(tl.int64) * so_t + head * so_h + dims[None, :],
+            out.to(o_ptr.dtype.element_ty),
+            mask=row_ok[:, None],
+        )
 
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_len: int) -> Tensor:
@@ -74,8 +99,27 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_le
         return out.zero_()
     block_m, block_n, warps, stages = SHORT if max_len <= LONG_FROM else LONG
     grid = (triton.cdiv(max_len, block_m), segments, H)
-    _attention[grid](q, k, v, out, cu_seqlens, max_len, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                     v.stride(0), v.stride(1), out.stride(0), out.stride(1), math.log2(math.e) / math.sqrt(D),
-                     D=D, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
-                     PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # fp32: no TF32 rounding
+    _attention[grid](
+        q,
+        k,
+        v,
+        out,
+        cu_seqlens,
+        max_len,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        out.stride(0),
+        out.stride(1),
+        math.log2(math.e) / math.sqrt(D),
+        D=D,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=warps,
+        num_stages=stages,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )  # fp32: no TF32 rounding
     return out

@@ -44,8 +44,21 @@ MAX_SOURCE_WIDTH = 256
 
 
 @triton.jit
-def _ce_forward(x_ptr, t_ptr, w_ptr, lse_ptr, part_ptr, K: tl.constexpr, P, stride_b, stride_k, ignore_index,
-                HAS_WEIGHT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+def _ce_forward(
+    x_ptr,
+    t_ptr,
+    w_ptr,
+    lse_ptr,
+    part_ptr,
+    K: tl.constexpr,
+    P,
+    stride_b,
+    stride_k,
+    ignore_index,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     pid_p, b = tl.program_id(0), tl.program_id(1)
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     in_p = p < P
@@ -55,7 +68,9 @@ def _ce_forward(x_ptr, t_ptr, w_ptr, lse_ptr, part_ptr, K: tl.constexpr, P, stri
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         mask = (k[:, None] < K) & in_p[None, :]
-        tile = tl.load(base[None, :] + k[:, None].to(tl.int64) * stride_k, mask=mask, other=float("-inf")).to(tl.float32)
+        tile = tl.load(base[None, :] + k[:, None].to(tl.int64) * stride_k, mask=mask, other=float("-inf")).to(
+            tl.float32
+        )
         m_new = tl.maximum(m, tl.max(tile, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(tile - m_safe[None, :]), 0)
@@ -76,8 +91,22 @@ def _ce_forward(x_ptr, t_ptr, w_ptr, lse_ptr, part_ptr, K: tl.constexpr, P, stri
 
 
 @triton.jit
-def _ce_backward(x_ptr, t_ptr, w_ptr, lse_ptr, g_ptr, dx_ptr, K: tl.constexpr, P, stride_b, stride_k, ignore_index,
-                 HAS_WEIGHT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+def _ce_backward(
+    x_ptr,
+    t_ptr,
+    w_ptr,
+    lse_ptr,
+    g_ptr,
+    dx_ptr,
+    K: tl.constexpr,
+    P,
+    stride_b,
+    stride_k,
+    ignore_index,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     pid_p, b = tl.program_id(0), tl.program_id(1)
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     in_p = p < P
@@ -100,9 +129,27 @@ def _ce_backward(x_ptr, t_ptr, w_ptr, lse_ptr, g_ptr, dx_ptr, K: tl.constexpr, P
 
 
 @triton.jit
-def _up_ce_forward(a_ptr, c_ptr, t_ptr, w_ptr, lse_ptr, part_ptr, K: tl.constexpr, H, W, WS, stride_ab, stride_ak,
-                   stride_ay, ignore_index, HAS_WEIGHT: tl.constexpr, DOT: tl.constexpr, BLOCK_K: tl.constexpr,
-                   BLOCK_X: tl.constexpr, BLOCK_W: tl.constexpr):
+def _up_ce_forward(
+    a_ptr,
+    c_ptr,
+    t_ptr,
+    w_ptr,
+    lse_ptr,
+    part_ptr,
+    K: tl.constexpr,
+    H,
+    W,
+    WS,
+    stride_ab,
+    stride_ak,
+    stride_ay,
+    ignore_index,
+    HAS_WEIGHT: tl.constexpr,
+    DOT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_X: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
     """One run of BLOCK_X pixels of row y: logits = A[b, :, y, :] @ colsᵀ on tensor cores, online log-sum-exp."""
     pid_x, y, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     x = pid_x * BLOCK_X + tl.arange(0, BLOCK_X)
@@ -138,17 +185,43 @@ def _up_ce_forward(a_ptr, c_ptr, t_ptr, w_ptr, lse_ptr, part_ptr, K: tl.constexp
 
 
 @triton.jit
-def _up_ce_backward(a_ptr, c_ptr, t_ptr, w_ptr, lse_ptr, g_ptr, da_ptr, K: tl.constexpr, H, W: tl.constexpr, WS,
-                    stride_ab, stride_ak, stride_ay, ignore_index, HAS_WEIGHT: tl.constexpr, DOT: tl.constexpr,
-                    BLOCK_K: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_W: tl.constexpr):
+def _up_ce_backward(
+    a_ptr,
+    c_ptr,
+    t_ptr,
+    w_ptr,
+    lse_ptr,
+    g_ptr,
+    da_ptr,
+    K: tl.constexpr,
+    H,
+    W: tl.constexpr,
+    WS,
+    stride_ab,
+    stride_ak,
+    stride_ay,
+    ignore_index,
+    HAS_WEIGHT: tl.constexpr,
+    DOT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_X: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
     """dA[b, k-block, y, :] = Σ over the row's pixels of (softmax − onehot) · cols: no atomics, no full map."""
     pid_k, y, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     in_k = k < K
     j = tl.arange(0, BLOCK_W)
     in_j = j < WS
-    a = tl.load(a_ptr + b.to(tl.int64) * stride_ab + y.to(tl.int64) * stride_ay + k[:, None].to(tl.int64) * stride_ak
-                + j[None, :], mask=in_k[:, None] & in_j[None, :], other=0.0)
+    a = tl.load(
+        a_ptr
+        + b.to(tl.int64) * stride_ab
+        + y.to(tl.int64) * stride_ay
+        + k[:, None].to(tl.int64) * stride_ak
+        + j[None, :],
+        mask=in_k[:, None] & in_j[None, :],
+        other=0.0,
+    )
     g = tl.load(g_ptr).to(tl.float32)
     acc = tl.zeros([BLOCK_K, BLOCK_W], tl.float32)
     for x0 in range(0, W, BLOCK_X):
@@ -177,8 +250,9 @@ def _layout(logits: Tensor) -> Tensor:
 
 def _launch(kernel: triton.JITFunction, config: tuple[int, int, int], B: int, K: int, P: int, *args, **meta) -> None:
     block_p, block_k, warps = config
-    kernel[(triton.cdiv(P, block_p), B)](*args, BLOCK_K=min(triton.next_power_of_2(K), block_k), BLOCK_P=block_p,
-                                          num_warps=warps, **meta)
+    kernel[(triton.cdiv(P, block_p), B)](
+        *args, BLOCK_K=min(triton.next_power_of_2(K), block_k), BLOCK_P=block_p, num_warps=warps, **meta
+    )
 
 
 class _PixelCrossEntropy(torch.autograd.Function):
@@ -190,8 +264,24 @@ class _PixelCrossEntropy(torch.autograd.Function):
         lse = torch.empty(B, P, dtype=torch.float32, device=x.device)
         part = torch.empty(B * triton.cdiv(P, FORWARD[0]), dtype=torch.float32, device=x.device)
         w = weight.float().contiguous() if weight is not None else lse  # any pointer when unused
-        _launch(_ce_forward, FORWARD, B, K, P, x, t, w, lse, part, K, P, x.stride(0), x.stride(1), ignore_index,
-                HAS_WEIGHT=weight is not None)
+        _launch(
+            _ce_forward,
+            FORWARD,
+            B,
+            K,
+            P,
+            x,
+            t,
+            w,
+            lse,
+            part,
+            K,
+            P,
+            x.stride(0),
+            x.stride(1),
+            ignore_index,
+            HAS_WEIGHT=weight is not None,
+        )
         ctx.save_for_backward(x, t, w, lse)
         ctx.meta = (logits.shape, weight is not None, ignore_index)
         return part.sum()
@@ -202,17 +292,37 @@ class _PixelCrossEntropy(torch.autograd.Function):
         shape, has_weight, ignore_index = ctx.meta
         B, K, P = x.shape
         dx = torch.empty(B, K, P, dtype=x.dtype, device=x.device)
-        _launch(_ce_backward, BACKWARD, B, K, P, x, t, w, lse, grad.float().contiguous(), dx, K, P, x.stride(0),
-                x.stride(1), ignore_index, HAS_WEIGHT=has_weight)
+        _launch(
+            _ce_backward,
+            BACKWARD,
+            B,
+            K,
+            P,
+            x,
+            t,
+            w,
+            lse,
+            grad.float().contiguous(),
+            dx,
+            K,
+            P,
+            x.stride(0),
+            x.stride(1),
+            ignore_index,
+            HAS_WEIGHT=has_weight,
+        )
         return dx.view(shape), None, None, None
 
 
-def pixel_cross_entropy_sum(logits: Tensor, target: Tensor, weight: Tensor | None = None,
-                            ignore_index: int = 255) -> Tensor:
+def pixel_cross_entropy_sum(
+    logits: Tensor, target: Tensor, weight: Tensor | None = None, ignore_index: int = 255
+) -> Tensor:
     """Σ over labelled pixels of (class-weighted) −log softmax(logits)[target]; logits [B, K, ...], target [B, ...]."""
     if target.shape[0] != logits.shape[0] or target.shape[1:] != logits.shape[2:]:
-        raise ValueError(f"Labels of shape {tuple(target.shape)} do not match logits {tuple(logits.shape)} "
-                         "([B, K, H, W] logits need [B, H, W] labels).")
+        raise ValueError(
+            f"Labels of shape {tuple(target.shape)} do not match logits {tuple(logits.shape)} "
+            "([B, K, H, W] logits need [B, H, W] labels)."
+        )
     return _PixelCrossEntropy.apply(logits, target, weight, int(ignore_index))
 
 
@@ -227,11 +337,31 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
         grid = (triton.cdiv(W, block_x), H, B)
         part = torch.empty(grid[0] * H * B, dtype=torch.float32, device=a.device)
         w = weight.float().contiguous() if weight is not None else lse  # any pointer when unused
-        meta = dict(HAS_WEIGHT=weight is not None, DOT="ieee" if a.dtype == torch.float32 else "tf32",
-                    BLOCK_W=max(16, triton.next_power_of_2(WS)))
-        _up_ce_forward[grid](a, cols, t, w, lse, part, K, H, W, WS, a.stride(0), a.stride(1), a.stride(2), ignore_index,
-                             BLOCK_K=max(16, min(triton.next_power_of_2(K), block_k)), BLOCK_X=block_x,
-                             num_warps=warps, **meta)
+        meta = dict(
+            HAS_WEIGHT=weight is not None,
+            DOT="ieee" if a.dtype == torch.float32 else "tf32",
+            BLOCK_W=max(16, triton.next_power_of_2(WS)),
+        )
+        _up_ce_forward[grid](
+            a,
+            cols,
+            t,
+            w,
+            lse,
+            part,
+            K,
+            H,
+            W,
+            WS,
+            a.stride(0),
+            a.stride(1),
+            a.stride(2),
+            ignore_index,
+            BLOCK_K=max(16, min(triton.next_power_of_2(K), block_k)),
+            BLOCK_X=block_x,
+            num_warps=warps,
+            **meta,
+        )
         ctx.save_for_backward(a, cols, t, w, lse)
         ctx.meta = (meta, ignore_index)
         return part.sum()
@@ -245,13 +375,32 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
         block_x, block_k, warps = UP_BACKWARD
         block_k = max(16, min(triton.next_power_of_2(K), block_k))
         _up_ce_backward[(triton.cdiv(K, block_k), H, B)](
-            a, cols, t, w, lse, grad.float().contiguous(), da, K, H, cols.shape[0], WS, a.stride(0), a.stride(1),
-            a.stride(2), ignore_index, BLOCK_K=block_k, BLOCK_X=block_x, num_warps=warps, **meta)
+            a,
+            cols,
+            t,
+            w,
+            lse,
+            grad.float().contiguous(),
+            da,
+            K,
+            H,
+            cols.shape[0],
+            WS,
+            a.stride(0),
+            a.stride(1),
+            a.stride(2),
+            ignore_index,
+            BLOCK_K=block_k,
+            BLOCK_X=block_x,
+            num_warps=warps,
+            **meta,
+        )
         return da, None, None, None, None
 
 
-def upsampled_cross_entropy_sum(a: Tensor, cols: Tensor, target: Tensor, weight: Tensor | None = None,
-                                ignore_index: int = 255) -> Tensor:
+def upsampled_cross_entropy_sum(
+    a: Tensor, cols: Tensor, target: Tensor, weight: Tensor | None = None, ignore_index: int = 255
+) -> Tensor:
     """Σ over labelled pixels of −log softmax(a @ colsᵀ)[target] without forming ``a @ colsᵀ``.
 
     ``a`` [B, K, H, w] is the logit map already resized along rows, ``cols`` [W, w] the column
@@ -261,10 +410,13 @@ def upsampled_cross_entropy_sum(a: Tensor, cols: Tensor, target: Tensor, weight:
     """
     B, K, H, WS = a.shape
     if tuple(target.shape) != (B, H, cols.shape[0]) or cols.shape[1] != WS:
-        raise ValueError(f"Labels {tuple(target.shape)}, row-resized logits {tuple(a.shape)} and column matrix "
-                         f"{tuple(cols.shape)} do not fit ([B, K, H, w], [W, w] and [B, H, W]).")
+        raise ValueError(
+            f"Labels {tuple(target.shape)}, row-resized logits {tuple(a.shape)} and column matrix "
+            f"{tuple(cols.shape)} do not fit ([B, K, H, w], [W, w] and [B, H, W])."
+        )
     if WS > MAX_SOURCE_WIDTH:
-        raise ValueError(f"Source width {WS} > {MAX_SOURCE_WIDTH}: materialise the map and use "
-                         "pixel_cross_entropy_sum.")
+        raise ValueError(
+            f"Source width {WS} > {MAX_SOURCE_WIDTH}: materialise the map and use pixel_cross_entropy_sum."
+        )
     a = a if a.stride(3) == 1 else a.contiguous()
     return _UpsampledCrossEntropy.apply(a, cols.to(a.dtype).contiguous(), target, weight, int(ignore_index))

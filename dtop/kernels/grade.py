@@ -20,10 +20,32 @@ ROWS = 16  # tokens per program
 
 
 @triton.jit(do_not_specialize=["T", "num_patches", "trash", "n_mask", "stage"])
-def _grade(logits_ptr, presence_ptr, batch_ptr, pos_ptr, canvas_ptr, exit_ptr, mask_ptr, conf_ptr, cls_ptr,
-           easy_ptr, keep_ptr, T, num_patches, trash, n_mask, stage, thr, K: tl.constexpr,
-           SIGMOID: tl.constexpr, PRESENCE: tl.constexpr, MASK: tl.constexpr, FINAL: tl.constexpr,
-           ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+def _grade(
+    logits_ptr,
+    presence_ptr,
+    batch_ptr,
+    pos_ptr,
+    canvas_ptr,
+    exit_ptr,
+    mask_ptr,
+    conf_ptr,
+    cls_ptr,
+    easy_ptr,
+    keep_ptr,
+    T,
+    num_patches,
+    trash,
+    n_mask,
+    stage,
+    thr,
+    K: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    PRESENCE: tl.constexpr,
+    MASK: tl.constexpr,
+    FINAL: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_K)
     in_t = rows < T
@@ -64,9 +86,20 @@ def _grade(logits_ptr, presence_ptr, batch_ptr, pos_ptr, canvas_ptr, exit_ptr, m
         tl.store(keep_ptr + rows, (~easy).to(tl.int8), mask=in_t)
 
 
-def grade(logits: Tensor, presence: Tensor | None, sigmoid: bool, batch: Tensor, pos: Tensor, num_patches: int,
-          canvas: Tensor, exit_stage: Tensor, stage: int, threshold: float, mask: Tensor | None, final: bool
-          ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+def grade(
+    logits: Tensor,
+    presence: Tensor | None,
+    sigmoid: bool,
+    batch: Tensor,
+    pos: Tensor,
+    num_patches: int,
+    canvas: Tensor,
+    exit_stage: Tensor,
+    stage: int,
+    threshold: float,
+    mask: Tensor | None,
+    final: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(conf, cls, easy, keep or None): see :func:`dtop.ops.grade.grade_reference`."""
     T, K = logits.shape
     dev = logits.device
@@ -79,9 +112,30 @@ def grade(logits: Tensor, presence: Tensor | None, sigmoid: bool, batch: Tensor,
     mask_t = mask.contiguous() if mask is not None else easy
     if T:
         _grade[(triton.cdiv(T, ROWS),)](
-            logits, presence_t, batch, pos, canvas, exit_stage, mask_t.view(torch.int8), conf, cls,
-            easy.view(torch.int8), (keep if final else easy).view(torch.int8), T, num_patches,
-            canvas.shape[0] - 1, mask.shape[0] if mask is not None else 1, stage, float(threshold), K=K,
-            SIGMOID=sigmoid, PRESENCE=presence is not None, MASK=mask is not None, FINAL=final, ROWS=ROWS,
-            BLOCK_K=triton.next_power_of_2(K), num_warps=4)
+            logits,
+            presence_t,
+            batch,
+            pos,
+            canvas,
+            exit_stage,
+            mask_t.view(torch.int8),
+            conf,
+            cls,
+            easy.view(torch.int8),
+            (keep if final else easy).view(torch.int8),
+            T,
+            num_patches,
+            canvas.shape[0] - 1,
+            mask.shape[0] if mask is not None else 1,
+            stage,
+            float(threshold),
+            K=K,
+            SIGMOID=sigmoid,
+            PRESENCE=presence is not None,
+            MASK=mask is not None,
+            FINAL=final,
+            ROWS=ROWS,
+            BLOCK_K=triton.next_power_of_2(K),
+            num_warps=4,
+        )
     return conf, cls, easy, keep

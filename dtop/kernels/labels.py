@@ -20,8 +20,24 @@ WARPS = (2, 4)  # per program, up to 32 classes / more (chosen by tools/dev/benc
 
 
 @triton.jit(do_not_specialize=["h", "w", "H", "W"])
-def _labels(low_ptr, presence_ptr, out_ptr, row_runs, row_w, col_runs, col_w, h, w, H, W, K: tl.constexpr,
-            SIGMOID: tl.constexpr, PRESENCE: tl.constexpr, RUN: tl.constexpr, BLOCK_K: tl.constexpr):
+def _labels(
+    low_ptr,
+    presence_ptr,
+    out_ptr,
+    row_runs,
+    row_w,
+    col_runs,
+    col_w,
+    h,
+    w,
+    H,
+    W,
+    K: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    PRESENCE: tl.constexpr,
+    RUN: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     run_y, run_x, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
     in_k = ks < K
@@ -59,8 +75,16 @@ def _labels(low_ptr, presence_ptr, out_ptr, row_runs, row_w, col_runs, col_w, h,
         tl.store(out_ptr + (b * H + y) * W + first_x + xs, label.to(tl.int64), mask=xs < width)
 
 
-def upsampled_argmax(logits: Tensor, presence: Tensor | None, sigmoid: bool, row_runs: Tensor, row_weights: Tensor,
-                     col_runs: Tensor, col_weights: Tensor, run: int) -> Tensor:
+def upsampled_argmax(
+    logits: Tensor,
+    presence: Tensor | None,
+    sigmoid: bool,
+    row_runs: Tensor,
+    row_weights: Tensor,
+    col_runs: Tensor,
+    col_weights: Tensor,
+    run: int,
+) -> Tensor:
     """Labels [B, H, W] (int64) of the token-grid ``logits`` [B, K, h, w] resized along rows and columns.
 
     Each axis's resize is given as runs ([R, 4] int32: first input, second input, first output, number
@@ -75,7 +99,22 @@ def upsampled_argmax(logits: Tensor, presence: Tensor | None, sigmoid: bool, row
         presence_t = presence.contiguous() if presence is not None else low
         block_k = max(16, triton.next_power_of_2(K))
         _labels[(row_runs.shape[0], col_runs.shape[0], B)](
-            low, presence_t, out, row_runs, row_weights, col_runs, col_weights, h, w, H, W, K=K,
-            SIGMOID=sigmoid, PRESENCE=presence is not None, RUN=run, BLOCK_K=block_k,
-            num_warps=WARPS[block_k > 32])
+            low,
+            presence_t,
+            out,
+            row_runs,
+            row_weights,
+            col_runs,
+            col_weights,
+            h,
+            w,
+            H,
+            W,
+            K=K,
+            SIGMOID=sigmoid,
+            PRESENCE=presence is not None,
+            RUN=run,
+            BLOCK_K=block_k,
+            num_warps=WARPS[block_k > 32],
+        )
     return out

@@ -42,8 +42,23 @@ def _count_chunk(flag_ptr, batch_ptr, pos_ptr, run_ptr, c, T, n_img, BLOCK: tl.c
 
 
 @triton.jit
-def _place_chunk(flag_ptr, batch_ptr, pos_ptr, run_ptr, order_ptr, batch_out_ptr, pos_out_ptr, c, before, kept,
-                 T, n_img, rest_batch, num_patches, BLOCK: tl.constexpr):
+def _place_chunk(
+    flag_ptr,
+    batch_ptr,
+    pos_ptr,
+    run_ptr,
+    order_ptr,
+    batch_out_ptr,
+    pos_out_ptr,
+    c,
+    before,
+    kept,
+    T,
+    n_img,
+    rest_batch,
+    num_patches,
+    BLOCK: tl.constexpr,
+):
     """Kept tokens of chunk ``c`` to their running-count place, the others after all ``kept`` ones, in order.
 
     ``before``: kept tokens in earlier chunks; the running counts in run become stream-wide.
@@ -58,8 +73,7 @@ def _place_chunk(flag_ptr, batch_ptr, pos_ptr, run_ptr, order_ptr, batch_out_ptr
 
 
 @triton.jit
-def _offsets(cu_ptr, run_ptr, cu_out_ptr, stats_ptr, kept, special, T, n_img, ABSORB: tl.constexpr,
-             NB: tl.constexpr):
+def _offsets(cu_ptr, run_ptr, cu_out_ptr, stats_ptr, kept, special, T, n_img, ABSORB: tl.constexpr, NB: tl.constexpr):
     """Segment offsets (kept tokens before each image's first token) and the stats, from the stream-wide run."""
     i = tl.arange(0, NB)
     lo = tl.load(cu_ptr + i, mask=i <= n_img, other=0)
@@ -80,14 +94,45 @@ _SIZES = ["T", "n_img", "rest_batch", "num_patches"]  # stream sizes vary every 
 
 
 @triton.jit(do_not_specialize=_SIZES)
-def _partition(flag_ptr, batch_ptr, pos_ptr, cu_ptr, run_ptr, order_ptr, batch_out_ptr, pos_out_ptr, cu_out_ptr,
-               stats_ptr, T, n_img, rest_batch, num_patches, ABSORB: tl.constexpr, BLOCK: tl.constexpr,
-               NB: tl.constexpr):
+def _partition(
+    flag_ptr,
+    batch_ptr,
+    pos_ptr,
+    cu_ptr,
+    run_ptr,
+    order_ptr,
+    batch_out_ptr,
+    pos_out_ptr,
+    cu_out_ptr,
+    stats_ptr,
+    T,
+    n_img,
+    rest_batch,
+    num_patches,
+    ABSORB: tl.constexpr,
+    BLOCK: tl.constexpr,
+    NB: tl.constexpr,
+):
     """A stream of one chunk, in one program: count, place, offsets."""
     kept, special = _count_chunk(flag_ptr, batch_ptr, pos_ptr, run_ptr, 0, T, n_img, BLOCK)
     tl.debug_barrier()
-    _place_chunk(flag_ptr, batch_ptr, pos_ptr, run_ptr, order_ptr, batch_out_ptr, pos_out_ptr, 0, 0, kept, T, n_img,
-                 rest_batch, num_patches, BLOCK)
+    _place_chunk(
+        flag_ptr,
+        batch_ptr,
+        pos_ptr,
+        run_ptr,
+        order_ptr,
+        batch_out_ptr,
+        pos_out_ptr,
+        0,
+        0,
+        kept,
+        T,
+        n_img,
+        rest_batch,
+        num_patches,
+        BLOCK,
+    )
     tl.debug_barrier()
     _offsets(cu_ptr, run_ptr, cu_out_ptr, stats_ptr, kept, special, T, n_img, ABSORB, NB)
 
@@ -102,19 +147,60 @@ def _count(flag_ptr, batch_ptr, pos_ptr, run_ptr, counts_ptr, T, n_img, chunks, 
 
 
 @triton.jit(do_not_specialize=_SIZES + ["chunks"])
-def _place(flag_ptr, batch_ptr, pos_ptr, run_ptr, counts_ptr, order_ptr, batch_out_ptr, pos_out_ptr, T, n_img,
-           rest_batch, num_patches, chunks, BLOCK: tl.constexpr, CP: tl.constexpr):
+def _place(
+    flag_ptr,
+    batch_ptr,
+    pos_ptr,
+    run_ptr,
+    counts_ptr,
+    order_ptr,
+    batch_out_ptr,
+    pos_out_ptr,
+    T,
+    n_img,
+    rest_batch,
+    num_patches,
+    chunks,
+    BLOCK: tl.constexpr,
+    CP: tl.constexpr,
+):
     """Grid step 2: each program places its chunk, after the kept tokens of the chunks before it."""
     c = tl.program_id(0)
     j = tl.arange(0, CP)
     counts = tl.load(counts_ptr + j, mask=j < chunks, other=0)
-    _place_chunk(flag_ptr, batch_ptr, pos_ptr, run_ptr, order_ptr, batch_out_ptr, pos_out_ptr, c,
-                 tl.sum(tl.where(j < c, counts, 0), 0), tl.sum(counts, 0), T, n_img, rest_batch, num_patches, BLOCK)
+    _place_chunk(
+        flag_ptr,
+        batch_ptr,
+        pos_ptr,
+        run_ptr,
+        order_ptr,
+        batch_out_ptr,
+        pos_out_ptr,
+        c,
+        tl.sum(tl.where(j < c, counts, 0), 0),
+        tl.sum(counts, 0),
+        T,
+        n_img,
+        rest_batch,
+        num_patches,
+        BLOCK,
+    )
 
 
 @triton.jit(do_not_specialize=["T", "n_img", "chunks"])
-def _finish(cu_ptr, run_ptr, counts_ptr, cu_out_ptr, stats_ptr, T, n_img, chunks, ABSORB: tl.constexpr,
-            CP: tl.constexpr, NB: tl.constexpr):
+def _finish(
+    cu_ptr,
+    run_ptr,
+    counts_ptr,
+    cu_out_ptr,
+    stats_ptr,
+    T,
+    n_img,
+    chunks,
+    ABSORB: tl.constexpr,
+    CP: tl.constexpr,
+    NB: tl.constexpr,
+):
     """Grid step 3 (one program): offsets and stats."""
     j = tl.arange(0, CP)
     kept = tl.sum(tl.load(counts_ptr + j, mask=j < chunks, other=0), 0)
@@ -122,9 +208,17 @@ def _finish(cu_ptr, run_ptr, counts_ptr, cu_out_ptr, stats_ptr, T, n_img, chunks
     _offsets(cu_ptr, run_ptr, cu_out_ptr, stats_ptr, kept, special, T, n_img, ABSORB, NB)
 
 
-def partition(flag: Tensor, batch: Tensor, pos: Tensor, cu_seqlens: Tensor, n_img: int, rest_batch: int,
-              num_patches: int, absorb: bool, out: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
-              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def partition(
+    flag: Tensor,
+    batch: Tensor,
+    pos: Tensor,
+    cu_seqlens: Tensor,
+    n_img: int,
+    rest_batch: int,
+    num_patches: int,
+    absorb: bool,
+    out: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(order, batch, pos, cu_seqlens, stats): see :func:`dtop.ops.partition.partition_reference`.
 
     ``out``: contiguous (batch, pos, cu_seqlens, stats) tensors to write into (the kernel writes the
@@ -139,22 +233,59 @@ def partition(flag: Tensor, batch: Tensor, pos: Tensor, cu_seqlens: Tensor, n_im
     run = torch.empty(T, dtype=torch.int32, device=dev)
     order = torch.empty(T, dtype=torch.long, device=dev)
     if out is None:
-        out = (torch.empty_like(batch), torch.empty_like(pos), torch.empty(n_img + 1, dtype=torch.int32, device=dev),
-               torch.empty(4, dtype=torch.long, device=dev))
+        out = (
+            torch.empty_like(batch),
+            torch.empty_like(pos),
+            torch.empty(n_img + 1, dtype=torch.int32, device=dev),
+            torch.empty(4, dtype=torch.long, device=dev),
+        )
     batch_out, pos_out, cu, stats = out
     nb = triton.next_power_of_2(n_img + 2)
     if T <= MAX_BLOCK:
         block = max(128, triton.next_power_of_2(max(T, 1)))
-        _partition[(1,)](flag, batch, pos, cu_seqlens, run, order, batch_out, pos_out, cu, stats, T, n_img,
-                         rest_batch, num_patches, ABSORB=absorb, BLOCK=block, NB=nb,
-                         num_warps=4 if block <= 1024 else 8)
+        _partition[(1,)](
+            flag,
+            batch,
+            pos,
+            cu_seqlens,
+            run,
+            order,
+            batch_out,
+            pos_out,
+            cu,
+            stats,
+            T,
+            n_img,
+            rest_batch,
+            num_patches,
+            ABSORB=absorb,
+            BLOCK=block,
+            NB=nb,
+            num_warps=4 if block <= 1024 else 8,
+        )
     else:
         block = min(GRID_BLOCK, MAX_BLOCK)
         chunks = triton.cdiv(T, block)
         cp = triton.next_power_of_2(chunks)
         counts = torch.empty(2 * chunks, dtype=torch.int32, device=dev)
         _count[(chunks,)](flag, batch, pos, run, counts, T, n_img, chunks, BLOCK=block, num_warps=4)
-        _place[(chunks,)](flag, batch, pos, run, counts, order, batch_out, pos_out, T, n_img, rest_batch,
-                          num_patches, chunks, BLOCK=block, CP=cp, num_warps=4)
+        _place[(chunks,)](
+            flag,
+            batch,
+            pos,
+            run,
+            counts,
+            order,
+            batch_out,
+            pos_out,
+            T,
+            n_img,
+            rest_batch,
+            num_patches,
+            chunks,
+            BLOCK=block,
+            CP=cp,
+            num_warps=4,
+        )
         _finish[(1,)](cu_seqlens, run, counts, cu, stats, T, n_img, chunks, ABSORB=absorb, CP=cp, NB=nb, num_warps=4)
     return order, batch_out[:T], pos_out[:T], cu[: n_img + 1], stats

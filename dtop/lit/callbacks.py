@@ -14,11 +14,11 @@ training schedule, never of the model.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 import lightning as L
 
-Thresholds = Union[float, Sequence[float]]
+Thresholds = float | Sequence[float]
 
 
 def annealed_threshold(step: int, iters: int, start: Thresholds, target: Thresholds) -> float | tuple[float, ...]:
@@ -53,12 +53,19 @@ class ThresholdAnnealing(L.Callback):
     fewer tokens stopped than at evaluation).
     """
 
-    def __init__(self, iters: int | None = None, start: Thresholds = 1.0, ratio: float | None = None,
-                 validate_at_target: bool = True) -> None:
+    def __init__(
+        self,
+        iters: int | None = None,
+        start: Thresholds = 1.0,
+        ratio: float | None = None,
+        validate_at_target: bool = True,
+    ) -> None:
         super().__init__()
         if (iters is None) == (ratio is None):
-            raise ValueError("ThresholdAnnealing needs exactly one of iters (optimizer steps) and ratio "
-                             f"(fraction of the training steps); got iters={iters}, ratio={ratio}.")
+            raise ValueError(
+                "ThresholdAnnealing needs exactly one of iters (optimizer steps) and ratio "
+                f"(fraction of the training steps); got iters={iters}, ratio={ratio}."
+            )
         if iters is not None and iters < 0:
             raise ValueError(f"ThresholdAnnealing needs iters ≥ 0, got {iters}.")
         if ratio is not None and not 0.0 <= ratio <= 1.0:
@@ -89,8 +96,9 @@ class ThresholdAnnealing(L.Callback):
             self.iters = round(self.ratio * int(trainer.estimated_stepping_batches))
         self.current = self.value_at(trainer.global_step)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.current = self.value_at(trainer.global_step)
         self._set(pl_module, self.current)
         opts = {"on_step": True, "on_epoch": False, "batch_size": 1}

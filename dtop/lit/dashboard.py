@@ -58,8 +58,9 @@ class Dashboard(L.Callback):
         sweep_summary: in a Hydra multirun, write/log the sweep's curves after each test run.
     """
 
-    def __init__(self, dirpath: str | None = None, max_images: int = 8, log_images: bool = True,
-                 sweep_summary: bool = True) -> None:
+    def __init__(
+        self, dirpath: str | None = None, max_images: int = 8, log_images: bool = True, sweep_summary: bool = True
+    ) -> None:
         super().__init__()
         self.dirpath = Path(dirpath) if dirpath else None
         self.max_images, self.log_images, self.sweep_summary = max_images, log_images, sweep_summary
@@ -83,8 +84,13 @@ class Dashboard(L.Callback):
         try:
             self.report(trainer, pl_module, phase)
         except Exception as err:  # noqa: BLE001 - a dashboard must never break a run
-            log.warning("Dashboard: %s report failed (%s: %s); training/evaluation goes on.", phase,
-                        type(err).__name__, err, exc_info=True)
+            log.warning(
+                "Dashboard: %s report failed (%s: %s); training/evaluation goes on.",
+                phase,
+                type(err).__name__,
+                err,
+                exc_info=True,
+            )
 
     # ---------------------------------------------------------------- report
     def report(self, trainer: L.Trainer, pl_module: L.LightningModule, phase: str) -> dict[str, Any]:
@@ -102,11 +108,17 @@ class Dashboard(L.Callback):
         ev = dict(getattr(pl_module, "last_eval", {}) or {})
         tokens = {f"stage {s}": rows[f"tokens_s{s}"].to_numpy(float) for s in range(S) if f"tokens_s{s}" in rows}
         summary: dict[str, Any] = {
-            "phase": phase, "step": step, "threshold": format_threshold(list(model.pruning.threshold)),
-            "pruning": bool(model.pruning.enabled), "images": int(len(rows)),
+            "phase": phase,
+            "step": step,
+            "threshold": format_threshold(list(model.pruning.threshold)),
+            "pruning": bool(model.pruning.enabled),
+            "images": int(len(rows)),
             **{k: ev.get(k) for k in ("mIoU", "aAcc", "mAcc") if k in ev},
-            **{k: float(rows[k].mean()) for k in ("gmacs", "gmacs_linear", "gmacs_dense", "gmacs_linear_dense")
-               if k in rows},
+            **{
+                k: float(rows[k].mean())
+                for k in ("gmacs", "gmacs_linear", "gmacs_dense", "gmacs_linear_dense")
+                if k in rows
+            },
             "tokens_per_stage": [float(v.mean()) for v in tokens.values()],
         }
         first = summary["tokens_per_stage"][0] if summary["tokens_per_stage"] else 0.0
@@ -114,12 +126,21 @@ class Dashboard(L.Callback):
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         self._append_history(root / "history.csv", summary)
 
-        plot_histograms(tokens, out / "tokens_hist.png", "active patch tokens entering the stage",
-                        f"{phase}: active tokens per stage ({len(rows)} images)")
+        plot_histograms(
+            tokens,
+            out / "tokens_hist.png",
+            "active patch tokens entering the stage",
+            f"{phase}: active tokens per stage ({len(rows)} images)",
+        )
         dense = summary.get("gmacs_dense")
-        plot_histograms({"pruned" if model.pruning.enabled else "dense": rows["gmacs"].to_numpy(float)},
-                        out / "gmacs_hist.png", "GMACs / image", f"{phase}: GMACs per image",
-                        reference=dense, reference_label=f"dense {dense:.4g}" if dense else "")
+        plot_histograms(
+            {"pruned" if model.pruning.enabled else "dense": rows["gmacs"].to_numpy(float)},
+            out / "gmacs_hist.png",
+            "GMACs / image",
+            f"{phase}: GMACs per image",
+            reference=dense,
+            reference_label=f"dense {dense:.4g}" if dense else "",
+        )
         panels = self._exit_maps(trainer, pl_module, out) if self.log_images else []
         self._log(trainer, phase, step, summary, rows, tokens, panels, out)
         if phase == "test" and self.sweep_summary:
@@ -162,19 +183,40 @@ class Dashboard(L.Callback):
             cls = token_classes(v["pred"], grid, p).reshape(-1).numpy()
             np.add.at(counts, (np.clip(cls, 0, K - 1), v["exit_stage"].reshape(-1).numpy()), 1)
             panels.append({**v, "path": path})
-        table = pd.DataFrame([{"class_id": k, "class": names[k] if k < len(names) else str(k), "stage": s,
-                               "exit": legend[s], "tokens": int(counts[k, s])}
-                              for k in range(K) for s in range(S) if counts[k].sum() > 0])
+        table = pd.DataFrame(
+            [
+                {
+                    "class_id": k,
+                    "class": names[k] if k < len(names) else str(k),
+                    "stage": s,
+                    "exit": legend[s],
+                    "tokens": int(counts[k, s]),
+                }
+                for k in range(K)
+                for s in range(S)
+                if counts[k].sum() > 0
+            ]
+        )
         table.to_csv(out / "exit_class.csv", index=False)
         self._labels = (names, legend, p, ignore)
         return panels
 
     # -------------------------------------------------------------- loggers
-    def _log(self, trainer: L.Trainer, phase: str, step: int, summary: dict[str, Any], rows: pd.DataFrame,
-             tokens: dict[str, np.ndarray], panels: list[dict[str, Any]], out: Path) -> None:
+    def _log(
+        self,
+        trainer: L.Trainer,
+        phase: str,
+        step: int,
+        summary: dict[str, Any],
+        rows: pd.DataFrame,
+        tokens: dict[str, np.ndarray],
+        panels: list[dict[str, Any]],
+        out: Path,
+    ) -> None:
         scalars = {f"{phase}/tokens_s{s}": v for s, v in enumerate(summary["tokens_per_stage"])}
-        scalars.update({f"{phase}/keep_s{s}": v for s, v in enumerate(summary["keep_ratio_per_stage"])
-                        if math.isfinite(v)})
+        scalars.update(
+            {f"{phase}/keep_s{s}": v for s, v in enumerate(summary["keep_ratio_per_stage"]) if math.isfinite(v)}
+        )
         if len(rows):
             scalars[f"{phase}/gmacs_p90"] = float(rows["gmacs"].quantile(0.9))
         for logger in trainer.loggers:
@@ -183,8 +225,13 @@ class Dashboard(L.Callback):
                 if wandb_panels.is_wandb(logger):
                     wandb_panels.log_eval(logger, phase, step, summary, rows, tokens, panels, out, *self._labels)
             except Exception as err:  # noqa: BLE001 - a dashboard must never break a run
-                log.warning("Dashboard: logging to %s failed (%s: %s); the files in %s are complete.",
-                            type(logger).__name__, type(err).__name__, err, out)
+                log.warning(
+                    "Dashboard: logging to %s failed (%s: %s); the files in %s are complete.",
+                    type(logger).__name__,
+                    type(err).__name__,
+                    err,
+                    out,
+                )
 
     # ----------------------------------------------------------------- sweeps
     def _sweep(self, trainer: L.Trainer, root: Path) -> None:

@@ -74,15 +74,17 @@ def _in_dataset_order(per_rank: list[list[Any]], sampler: EvalDistributedSampler
     for r, items in enumerate(per_rank):
         idx = sampler.rank_indices(r)
         if len(items) > len(idx):
-            raise RuntimeError(f"rank {r} produced {len(items)} eval rows for {len(idx)} images: "
-                               "one row per image is expected.")
+            raise RuntimeError(
+                f"rank {r} produced {len(items)} eval rows for {len(idx)} images: one row per image is expected."
+            )
         indexed.extend(zip(idx, items))  # fewer items than indices: limit_*_batches ran a prefix
     indexed.sort(key=lambda t: t[0])
     return [item for _, item in indexed]
 
 
-def gather_eval_rows(rows: list[dict[str, Any]], sampler: Sampler | None = None,
-                     key: str = "image_id") -> list[dict[str, Any]]:
+def gather_eval_rows(
+    rows: list[dict[str, Any]], sampler: Sampler | None = None, key: str = "image_id"
+) -> list[dict[str, Any]]:
     """All ranks' per-image rows, each image once, on every rank (a collective: call it on all ranks).
 
     With an :class:`EvalDistributedSampler` the rows are put in dataset order (the order of one
@@ -96,9 +98,12 @@ def gather_eval_rows(rows: list[dict[str, Any]], sampler: Sampler | None = None,
     per_rank = all_gather_objects(list(rows))
     if _ours(sampler, world):
         return _in_dataset_order(per_rank, sampler)  # type: ignore[arg-type]
-    warnings.warn(f"Distributed evaluation without EvalDistributedSampler ({type(sampler).__name__}): a padding "
-                  "sampler repeats images, which the confusion matrix then counts twice. Use the DataModule's "
-                  "val/test loaders (dtop.data.base.SegDataModule).", stacklevel=2)
+    warnings.warn(
+        f"Distributed evaluation without EvalDistributedSampler ({type(sampler).__name__}): a padding "
+        "sampler repeats images, which the confusion matrix then counts twice. Use the DataModule's "
+        "val/test loaders (dtop.data.base.SegDataModule).",
+        stacklevel=2,
+    )
     out: list[dict[str, Any]] = []
     seen: set[Any] = set()
     for rank_rows in per_rank:
@@ -128,7 +133,7 @@ class SegDDPStrategy(DDPStrategy):
     """Lightning's ``DDPStrategy`` that refuses a setting that would deadlock instead of training.
 
     With ``sync_batchnorm`` every BatchNorm in the heads is a collective. A head that one rank skips
-    (:meth:`Policy.can_starve_heads <dtop.models.policies.base.Policy.can_starve_heads>`) is a collective that rank never joins, so the ranks hang or pair up
+    (``Policy.can_starve_heads``) is a collective that rank never joins, so the ranks hang or pair up
     mismatched collectives. ``find_unused_parameters=True`` covers the gradient side of a skipped head
     (its parameters are reduced with a zero contribution) but not that. Without ``sync_batchnorm``
     such policies train fine.
@@ -143,5 +148,6 @@ class SegDDPStrategy(DDPStrategy):
                     f"{type(policy).__name__}(context={getattr(policy, 'context', None)!r}) can leave a head without "
                     "tokens on one GPU, and with trainer.sync_batchnorm=true that GPU would skip the head's "
                     "SyncBatchNorm collective and hang the others. Train with trainer.sync_batchnorm=false, or use "
-                    "a context that always keeps tokens (model.pruning.context=topk with k >= 1).")
+                    "a context that always keeps tokens (model.pruning.context=topk with k >= 1)."
+                )
         super().setup(trainer)

@@ -15,7 +15,7 @@ from dtop.inference import resize_logits, slide_inference
 from dtop.lit.distributed import eval_loader_sampler, gather_eval_rows, gather_eval_visuals
 from dtop.losses import feature_mse, kl_distillation
 from dtop.metrics import SegMetrics, format_metrics
-from dtop.models.engine import SegOutput, Segmentor
+from dtop.models.engine import Segmentor, SegOutput
 from dtop.models.graphs import GraphedSegmentor
 
 
@@ -65,7 +65,9 @@ class SegModule(L.LightningModule):
         self._teacher: list[Segmentor] = []  # a list keeps it out of state_dict, optimiser and DDP
         if kl_weight > 0 or mse_weight > 0:
             if not teacher_ckpt:
-                raise ValueError("kl_weight/mse_weight > 0 need model teacher: set module.teacher_ckpt to a dense checkpoint.")
+                raise ValueError(
+                    "kl_weight/mse_weight > 0 need model teacher: set module.teacher_ckpt to a dense checkpoint."
+                )
             teacher = copy.deepcopy(model)
             teacher.pruning.enabled = False
             load_model_weights(teacher, teacher_ckpt, skip_aux=True)
@@ -88,11 +90,16 @@ class SegModule(L.LightningModule):
         hp = self.hparams
         size = tuple(target.shape[-2:])
         head = self.model.decode_head
-        terms = {f"decode/{k}": v for k, v in head.loss(self.model.upsampled(out.logits, out, size),
-                                                         out.presence, target, hp.ignore_index).items()}
+        terms = {
+            f"decode/{k}": v
+            for k, v in head.loss(
+                self.model.upsampled(out.logits, out, size), out.presence, target, hp.ignore_index
+            ).items()
+        }
         for i, (logits, presence) in enumerate(zip(out.stage_logits, out.stage_presence)):
-            aux_terms = self.model.aux_heads[i].loss(self.model.upsampled(logits, out, size), presence,
-                                                     target, hp.ignore_index)
+            aux_terms = self.model.aux_heads[i].loss(
+                self.model.upsampled(logits, out, size), presence, target, hp.ignore_index
+            )
             terms.update({f"aux{i}/{k}": hp.aux_weight * v for k, v in aux_terms.items()})
         if self._teacher:
             teacher = self._teacher[0]
@@ -113,8 +120,10 @@ class SegModule(L.LightningModule):
         terms = self._loss(out, target, images)
         loss = torch.stack(list(terms.values())).sum()
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"Non-finite loss at step {self.global_step}: "
-                                     f"{ {k: float(v) for k, v in terms.items()} }. Lower the learning rate.")
+            raise FloatingPointError(
+                f"Non-finite loss at step {self.global_step}: "
+                f"{ {k: float(v) for k, v in terms.items()} }. Lower the learning rate."
+            )
         B = images.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
         self.log_dict({f"train/{k}": v for k, v in terms.items()}, batch_size=B)
@@ -132,8 +141,14 @@ class SegModule(L.LightningModule):
             is_head = not name.startswith("backbone.")
             no_decay = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token"))
             groups.setdefault((is_head, no_decay), []).append(p)
-        param_groups = [{"params": ps, "lr": hp.lr * (hp.head_lr_mult if head else 1.0),
-                         "weight_decay": 0.0 if nd else hp.weight_decay} for (head, nd), ps in groups.items()]
+        param_groups = [
+            {
+                "params": ps,
+                "lr": hp.lr * (hp.head_lr_mult if head else 1.0),
+                "weight_decay": 0.0 if nd else hp.weight_decay,
+            }
+            for (head, nd), ps in groups.items()
+        ]
         if hp.optimizer == "adamw":
             # the fused CUDA kernel: one launch per step instead of ~10 per tensor group (host-bound steps)
             on_cuda = all(p.is_cuda for g in param_groups for p in g["params"])
@@ -181,8 +196,15 @@ class SegModule(L.LightningModule):
         if whole:
             return resize_logits(forward(images), size).argmax(1), collected[0]
         scores = slide_inference(forward, images, self.model.num_classes, tuple(hp.crop_size), tuple(hp.stride))
-        keys = ("tokens_per_stage", "exits_per_stage", "exits_per_class", "macs", "macs_linear", "macs_dense",
-                "macs_linear_dense")
+        keys = (
+            "tokens_per_stage",
+            "exits_per_stage",
+            "exits_per_class",
+            "macs",
+            "macs_linear",
+            "macs_dense",
+            "macs_linear_dense",
+        )
         stats = {k: torch.stack([c[k] for c in collected]).sum(0) for k in keys}
         return resize_logits(scores, size).argmax(1), stats
 
@@ -195,16 +217,25 @@ class SegModule(L.LightningModule):
         pix_acc = (100 * correct / valid.flatten(1).sum(1).clamp(min=1)).tolist()
         for i in range(min(len(batch["id"]), self.max_visuals - len(self.visuals))):
             if "exit_stage" in stats:
-                self.visuals.append({"id": batch["id"][i], "image": images[i].detach().float().cpu(),
-                                     "label": target[i].cpu(), "pred": pred[i].cpu(),
-                                     "exit_stage": stats["exit_stage"][i].cpu()})
+                self.visuals.append(
+                    {
+                        "id": batch["id"][i],
+                        "image": images[i].detach().float().cpu(),
+                        "label": target[i].cpu(),
+                        "pred": pred[i].cpu(),
+                        "exit_stage": stats["exit_stage"][i].cpu(),
+                    }
+                )
         tokens = stats["tokens_per_stage"].tolist()
         exits = stats["exits_per_stage"].tolist()
         per_class = stats["exits_per_class"].tolist()
         gm = {k: (stats[f"macs{k}"] / 1e9).tolist() for k in ("", "_linear", "_dense", "_linear_dense")}
         for i, image_id in enumerate(batch["id"]):
-            row: dict[str, Any] = {"image_id": image_id, **{f"gmacs{k}": v[i] for k, v in gm.items()},
-                                   "pixel_acc": pix_acc[i]}
+            row: dict[str, Any] = {
+                "image_id": image_id,
+                **{f"gmacs{k}": v[i] for k, v in gm.items()},
+                "pixel_acc": pix_acc[i],
+            }
             row.update({f"tokens_s{s}": t for s, t in enumerate(tokens[i])})
             row.update({f"exits_s{s}": e for s, e in enumerate(exits[i])})
             row.update({f"exits_s{s}_c{c}": n for s, per in enumerate(per_class[i]) for c, n in enumerate(per)})

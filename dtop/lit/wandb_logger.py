@@ -25,7 +25,9 @@ def wandb_configured() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
     try:
-        return netrc.netrc(os.environ.get("NETRC", str(Path.home() / ".netrc"))).authenticators("api.wandb.ai") is not None
+        return (
+            netrc.netrc(os.environ.get("NETRC", str(Path.home() / ".netrc"))).authenticators("api.wandb.ai") is not None
+        )
     except (FileNotFoundError, netrc.NetrcParseError):
         return False
 
@@ -44,9 +46,20 @@ def wandb_logger(save_dir: str, **kwargs: Any):
     return WandbLogger(save_dir=save_dir, **kwargs)
 
 
-def log_eval(logger: Any, phase: str, step: int, summary: dict[str, Any], rows: pd.DataFrame,
-             tokens: dict[str, np.ndarray], panels: list[dict[str, Any]], out: Path, names: list[str],
-             legend: list[str], patch: int, ignore_index: int) -> None:
+def log_eval(
+    logger: Any,
+    phase: str,
+    step: int,
+    summary: dict[str, Any],
+    rows: pd.DataFrame,
+    tokens: dict[str, np.ndarray],
+    panels: list[dict[str, Any]],
+    out: Path,
+    names: list[str],
+    legend: list[str],
+    patch: int,
+    ignore_index: int,
+) -> None:
     """One evaluation on a ``WandbLogger``: token and GMACs histograms, exit maps with prediction /
     ground-truth / exit-stage mask overlays, the exit stage per class, and the run summary."""
     import wandb
@@ -62,13 +75,23 @@ def log_eval(logger: Any, phase: str, step: int, summary: dict[str, Any], rows: 
             img = denormalize(v["image"])
             H, W = img.shape[:2]
             label = v["label"].cpu().numpy().astype(np.int64)
-            images.append(wandb.Image(img, caption=str(v["id"]), masks={
-                "prediction": {"mask_data": v["pred"].cpu().numpy().astype(np.int64), "class_labels": classes},
-                "ground_truth": {"mask_data": np.where(label == ignore_index, len(classes), label),
-                                 "class_labels": {**classes, len(classes): "ignored"}},
-                "exit_stage": {"mask_data": exit_map_pixels(v["exit_stage"], patch, (H, W)),
-                               "class_labels": stages},
-            }))
+            images.append(
+                wandb.Image(
+                    img,
+                    caption=str(v["id"]),
+                    masks={
+                        "prediction": {"mask_data": v["pred"].cpu().numpy().astype(np.int64), "class_labels": classes},
+                        "ground_truth": {
+                            "mask_data": np.where(label == ignore_index, len(classes), label),
+                            "class_labels": {**classes, len(classes): "ignored"},
+                        },
+                        "exit_stage": {
+                            "mask_data": exit_map_pixels(v["exit_stage"], patch, (H, W)),
+                            "class_labels": stages,
+                        },
+                    },
+                )
+            )
         data[f"{phase}/exit_maps"] = images
         data[f"{phase}/exit_panels"] = [wandb.Image(str(v["path"]), caption=str(v["id"])) for v in panels]
         exit_class = out / "exit_class.csv"
@@ -76,8 +99,9 @@ def log_eval(logger: Any, phase: str, step: int, summary: dict[str, Any], rows: 
             data[f"{phase}/exit_per_class"] = wandb.Table(dataframe=pd.read_csv(exit_class))
     logger.log_metrics(data, step=step)
     if phase == "test":
-        logger.experiment.summary.update({k: summary[k] for k in ("threshold", "mIoU", "gmacs", "gmacs_linear",
-                                                                   "gmacs_dense") if k in summary})
+        logger.experiment.summary.update(
+            {k: summary[k] for k in ("threshold", "mIoU", "gmacs", "gmacs_linear", "gmacs_dense") if k in summary}
+        )
 
 
 def log_sweep(logger: Any, table: pd.DataFrame, step: int) -> None:
@@ -85,7 +109,10 @@ def log_sweep(logger: Any, table: pd.DataFrame, step: int) -> None:
     import wandb
 
     t = wandb.Table(dataframe=table.astype({"threshold": str}) if "threshold" in table else table)
-    plots = {"sweep/table": t, "sweep/miou_vs_gmacs": wandb.plot.scatter(t, "gmacs", "mIoU", title="sweep: mIoU vs GMACs")}
+    plots = {
+        "sweep/table": t,
+        "sweep/miou_vs_gmacs": wandb.plot.scatter(t, "gmacs", "mIoU", title="sweep: mIoU vs GMACs"),
+    }
     if pd.api.types.is_numeric_dtype(table["threshold"]):
         tn = wandb.Table(dataframe=table[["threshold", "mIoU", "gmacs"]].sort_values("threshold"))
         plots["sweep/miou_vs_threshold"] = wandb.plot.line(tn, "threshold", "mIoU", title="sweep: mIoU vs ξ")

@@ -7,7 +7,7 @@ drops per image, as timm's ``DropPath`` does on a dense batch.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from timm.layers import DropPath
 from timm.models.vision_transformer import Block

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from dtop.models.engine import Segmentor
 from dtop.models.heads.base import SegHead
@@ -23,9 +24,14 @@ def _make_head(factory: HeadFactory, backbone: ViTBackbone, num_classes: int) ->
     return factory(**kwargs)
 
 
-def build_segmentor(backbone: ViTBackbone, decode_head: HeadFactory, num_classes: int,
-                    aux_head: HeadFactory | None = None, prune_layers: Sequence[int] = (),
-                    pruning: Policy | None = None) -> Segmentor:
+def build_segmentor(
+    backbone: ViTBackbone,
+    decode_head: HeadFactory,
+    num_classes: int,
+    aux_head: HeadFactory | None = None,
+    prune_layers: Sequence[int] = (),
+    pruning: Policy | None = None,
+) -> Segmentor:
     """One aux head (built from ``aux_head``) after each of ``prune_layers``; decode head at the end."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be ≥ 1, got {num_classes}.")

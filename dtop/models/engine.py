@@ -7,9 +7,9 @@ is left → assemble every token's logits into one map.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,28 +42,42 @@ class SegOutput:
 
 def _chains(logits: Tensor, out: SegOutput, size: tuple[int, int] | None) -> list[tuple[int, int, int, int]]:
     """Per axis (grid, padded, input, output) sizes: the resize chain from token-grid logits to pixels."""
-    return [(int(n), int(p), int(c), int(s))
-            for n, p, c, s in zip(logits.shape[-2:], out.padded_size, out.input_size, size or out.input_size)]
+    return [
+        (int(n), int(p), int(c), int(s))
+        for n, p, c, s in zip(logits.shape[-2:], out.padded_size, out.input_size, size or out.input_size)
+    ]
 
 
 class Segmentor(nn.Module):
     """Backbone + aux heads at ``prune_layers`` (1-based layer indices) + decode head + ``pruning`` policy."""
 
-    def __init__(self, backbone: ViTBackbone, decode_head: SegHead, aux_heads: Sequence[SegHead] = (),
-                 prune_layers: Sequence[int] = (), pruning: Policy | None = None) -> None:
+    def __init__(
+        self,
+        backbone: ViTBackbone,
+        decode_head: SegHead,
+        aux_heads: Sequence[SegHead] = (),
+        prune_layers: Sequence[int] = (),
+        pruning: Policy | None = None,
+    ) -> None:
         super().__init__()
         prune_layers = [int(p) for p in prune_layers]
         depth = backbone.depth
         if any(not 1 <= p < depth for p in prune_layers) or sorted(set(prune_layers)) != prune_layers:
-            raise ValueError(f"prune_layers must be strictly increasing layer indices in [1, {depth - 1}] for a "
-                             f"{depth}-layer backbone (1-based; the decode head sits after layer {depth}); "
-                             f"got {prune_layers}.")
+            raise ValueError(
+                f"prune_layers must be strictly increasing layer indices in [1, {depth - 1}] for a "
+                f"{depth}-layer backbone (1-based; the decode head sits after layer {depth}); "
+                f"got {prune_layers}."
+            )
         if len(aux_heads) != len(prune_layers):
-            raise ValueError(f"{len(aux_heads)} aux heads for {len(prune_layers)} prune layers: need one head per layer.")
+            raise ValueError(
+                f"{len(aux_heads)} aux heads for {len(prune_layers)} prune layers: need one head per layer."
+            )
         for name, head in [("decode_head", decode_head)] + [(f"aux_heads[{i}]", h) for i, h in enumerate(aux_heads)]:
             if head.in_channels != backbone.embed_dim:
-                raise ValueError(f"{name} expects {head.in_channels} input channels but the backbone "
-                                 f"{backbone.name!r} has width {backbone.embed_dim}.")
+                raise ValueError(
+                    f"{name} expects {head.in_channels} input channels but the backbone "
+                    f"{backbone.name!r} has width {backbone.embed_dim}."
+                )
             if head.num_classes != decode_head.num_classes:
                 raise ValueError(f"{name} predicts {head.num_classes} classes, decode head {decode_head.num_classes}.")
         self.backbone = backbone
@@ -95,8 +109,9 @@ class Segmentor(nn.Module):
         """Whether inference may remove tokens after ``stage`` (else its aux head is not even run)."""
         return stage < len(self.aux_heads) and self.pruning.prunes_at(stage, len(self.aux_heads))
 
-    def begin(self, images: Tensor, keep_stages: bool, phantom: bool = False, state: RunState | None = None
-              ) -> tuple[TokenStream, RunState, tuple[tuple[int, int], tuple[int, int]]]:
+    def begin(
+        self, images: Tensor, keep_stages: bool, phantom: bool = False, state: RunState | None = None
+    ) -> tuple[TokenStream, RunState, tuple[tuple[int, int], tuple[int, int]]]:
         """Embed the images (padded to patch multiples) and start the run's state.
 
         ``phantom`` adds the padding image of graph replay (:mod:`dtop.models.state`); a given ``state``
@@ -114,11 +129,17 @@ class Segmentor(nn.Module):
         if state is None:
             dev, nb, S = images.device, stream.batch_size, self.num_stages
             state = RunState(
-                batch_size=nb, grid=grid, num_classes=self.num_classes, num_stages=S,
+                batch_size=nb,
+                grid=grid,
+                num_classes=self.num_classes,
+                num_stages=S,
                 canvas=stream.x.new_zeros(nb * N + 1, self.num_classes, dtype=torch.float32),
                 exit_stage=torch.full((nb * N + 1,), S - 1, dtype=torch.long, device=dev),
                 lengths=torch.zeros(nb, S, dtype=torch.int32, device=dev),
-                has_cls=self.backbone.has_cls_token, keep_stages=keep_stages, phantom=phantom)
+                has_cls=self.backbone.has_cls_token,
+                keep_stages=keep_stages,
+                phantom=phantom,
+            )
         else:
             state.reset()
         state.embed_macs = float(patch_embed_macs(N, p, images.shape[1], self.backbone.embed_dim))
@@ -137,13 +158,15 @@ class Segmentor(nn.Module):
     def stage_blocks(self, stage: int) -> nn.ModuleList:
         """The backbone blocks that ``stage`` runs (between two prune layers)."""
         starts, ends = [0] + self.prune_layers, self.prune_layers + [self.backbone.depth]
-        return self.backbone.blocks[starts[stage]:ends[stage]]
+        return self.backbone.blocks[starts[stage] : ends[stage]]
 
     def _block_coefficients(self, device: torch.device) -> Tensor:
         """[S, 2] float64: per stage, the blocks' (linear MACs per token, attention MACs per token pair)."""
         if device not in self._coefficients:  # built by the first (eager) run, before any graph capture
-            rows = [[float(sum(block_coefficients(b)[i] for b in self.stage_blocks(s))) for i in (0, 1)]
-                    for s in range(self.num_stages)]
+            rows = [
+                [float(sum(block_coefficients(b)[i] for b in self.stage_blocks(s))) for i in (0, 1)]
+                for s in range(self.num_stages)
+            ]
             self._coefficients[device] = torch.tensor(rows, dtype=torch.float64, device=device)
         return self._coefficients[device]
 
@@ -188,8 +211,11 @@ class Segmentor(nn.Module):
             exits.scatter_add_(1, exit_stage, torch.ones_like(exit_stage))
             tokens = N - F.pad(exits.cumsum(1)[:, :-1], (1, 0))  # a token leaves after its exit stage
             per_class = torch.zeros(B * S * K, dtype=torch.long, device=pred.device)
-            per_class.index_add_(0, ((torch.arange(B, device=pred.device)[:, None] * S + exit_stage) * K + pred).view(-1),
-                                 torch.ones_like(pred).view(-1))
+            per_class.index_add_(
+                0,
+                ((torch.arange(B, device=pred.device)[:, None] * S + exit_stage) * K + pred).view(-1),
+                torch.ones_like(pred).view(-1),
+            )
         stats = {
             "tokens_per_stage": tokens,
             "exits_per_stage": exits,
@@ -228,10 +254,13 @@ class Segmentor(nn.Module):
         n_all = torch.tensor([N + self.backbone.num_prefix_tokens])
         embed = float(patch_embed_macs(N, p, 3, self.backbone.embed_dim))
         parts = [("patch embed", embed, embed)]
-        parts += [(f"block {i + 1} ({int(n_all)} tokens)", *map(float, blocks_macs([b], n_all)))
-                  for i, b in enumerate(self.backbone.blocks)]
-        parts.append((f"decode head ({type(self.decode_head).__name__})",
-                      *map(float, self.decode_head.macs(torch.tensor([N])))))
+        parts += [
+            (f"block {i + 1} ({int(n_all)} tokens)", *map(float, blocks_macs([b], n_all)))
+            for i, b in enumerate(self.backbone.blocks)
+        ]
+        parts.append(
+            (f"decode head ({type(self.decode_head).__name__})", *map(float, self.decode_head.macs(torch.tensor([N]))))
+        )
         return parts
 
     def dense_macs(self, height: int, width: int) -> tuple[float, float]:

@@ -19,13 +19,14 @@ offers its inference methods, replayed where they can be and eager elsewhere.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from dtop.models.engine import SegOutput, Segmentor
+from dtop.models.engine import Segmentor, SegOutput
 from dtop.models.packed import TokenStream
 from dtop.models.state import RunState
 
@@ -97,8 +98,9 @@ class StageGraphs:
                 key, size = (ckey, g, Tb, L), (Tb, L, n_special)
 
             def program(g: int = g, first: int = first, last: int = last, size: Any = size) -> Any:
-                with torch.autocast(images.device.type, dtype=amp or torch.float32, enabled=amp is not None,
-                                    cache_enabled=False):
+                with torch.autocast(
+                    images.device.type, dtype=amp or torch.float32, enabled=amp is not None, cache_enabled=False
+                ):
                     return self._program(model, ctx, g, first, last, size, B)
 
             out = self._replay(key, program, ctx)
@@ -125,8 +127,9 @@ class StageGraphs:
             self.contexts[ckey] = _Context(torch.empty_like(images), None, groups, full, capacity, [None, None], amp)
         return self.contexts[ckey], ckey
 
-    def _program(self, model: Segmentor, ctx: _Context, g: int, first: int, last: int,
-                 size: tuple[int, int, int] | None, B: int) -> Any:
+    def _program(
+        self, model: Segmentor, ctx: _Context, g: int, first: int, last: int, size: tuple[int, int, int] | None, B: int
+    ) -> Any:
         """One group: the code both the capture and the eager fallback run."""
         if g == 0:
             stream, state, ctx.sizes = model.begin(ctx.images, keep_stages=False, phantom=True, state=ctx.state)
@@ -144,13 +147,15 @@ class StageGraphs:
         j = (g + 1) % 2
         if ctx.tokens[j] is None:  # first (eager) run: allocate with the stream's dtype
             dev = stream.x.device
-            ctx.tokens[j] = _Tokens(stream.x.new_zeros(ctx.capacity, stream.x.shape[1]),
-                                    torch.zeros(ctx.capacity, dtype=torch.long, device=dev),
-                                    torch.zeros(ctx.capacity, dtype=torch.long, device=dev),
-                                    torch.zeros(B + 2, dtype=torch.int32, device=dev),
-                                    torch.zeros(4, dtype=torch.long, device=dev),
-                                    torch.zeros(4, dtype=torch.long, pin_memory=stream.x.is_cuda),
-                                    torch.cuda.Event() if stream.x.is_cuda else None)
+            ctx.tokens[j] = _Tokens(
+                stream.x.new_zeros(ctx.capacity, stream.x.shape[1]),
+                torch.zeros(ctx.capacity, dtype=torch.long, device=dev),
+                torch.zeros(ctx.capacity, dtype=torch.long, device=dev),
+                torch.zeros(B + 2, dtype=torch.int32, device=dev),
+                torch.zeros(4, dtype=torch.long, device=dev),
+                torch.zeros(4, dtype=torch.long, pin_memory=stream.x.is_cuda),
+                torch.cuda.Event() if stream.x.is_cuda else None,
+            )
         dst = ctx.tokens[j]
         x, order, _, _, _, stats = stream.plan(keep, extra, state.num_patches, (dst.batch, dst.pos, dst.cu, dst.stats))
         m = order.numel()
@@ -163,7 +168,7 @@ class StageGraphs:
         """The next group's stream: the kept tokens, then the phantom image up to the bucket size (both laid
         out by the last group's :meth:`TokenStream.plan`)."""
         Tb, L, n_special = size
-        src.cu[B + 1:].fill_(Tb)
+        src.cu[B + 1 :].fill_(Tb)
         return TokenStream(src.x[:Tb], src.batch[:Tb], src.pos[:Tb], src.cu, L, B + 1, n_special, False, True)
 
     def _replay(self, key: tuple, program: Callable[[], Any], ctx: _Context) -> Any:
@@ -197,11 +202,19 @@ class StageGraphs:
 
 def _clone(out: SegOutput) -> SegOutput:
     """Copy a replayed output out of the graph's buffers (the next replay overwrites them)."""
+
     def c(t: Tensor | None) -> Tensor | None:
         return None if t is None else t.clone()
 
-    return replace(out, logits=c(out.logits), presence=c(out.presence), features=c(out.features),
-                   stats={k: v.clone() for k, v in out.stats.items()}, stage_logits=[], stage_presence=[])
+    return replace(
+        out,
+        logits=c(out.logits),
+        presence=c(out.presence),
+        features=c(out.features),
+        stats={k: v.clone() for k, v in out.stats.items()},
+        stage_logits=[],
+        stage_presence=[],
+    )
 
 
 class GraphedSegmentor:

@@ -11,7 +11,7 @@ Tests hold these formulas to ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from timm.models.vision_transformer import Block

@@ -7,8 +7,8 @@ host sync is the one :meth:`TokenStream.select` needs to size its output.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -74,8 +74,9 @@ class TokenStream:
     def with_x(self, x: Tensor) -> TokenStream:
         return replace(self, x=x)
 
-    def plan(self, keep: Tensor, extra: Extra | None = None, num_patches: int = 1,
-             out: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def plan(
+        self, keep: Tensor, extra: Extra | None = None, num_patches: int = 1, out: Sequence[Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """The device-side part of :meth:`select`, free of host syncs (CUDA graphs capture it).
 
         Returns the candidate features (the stream's, then ``extra``'s), ``order`` putting the kept
@@ -88,8 +89,9 @@ class TokenStream:
         n = self.num_images
         if extra is None:
             return self.x, *partition(keep, self.batch, self.pos, self.cu_seqlens, n, n, num_patches, False, out)
-        order, *plan = partition_with_extra(keep, self.batch, self.pos, self.cu_seqlens, n, extra.batch, extra.keep,
-                                            num_patches, out)
+        order, *plan = partition_with_extra(
+            keep, self.batch, self.pos, self.cu_seqlens, n, extra.batch, extra.keep, num_patches, out
+        )
         return torch.cat([self.x, extra.x.to(self.x.dtype)]), order, *plan
 
     def select(self, keep: Tensor, extra: Extra | None = None) -> TokenStream:
@@ -102,8 +104,16 @@ class TokenStream:
         """
         x, order, batch, pos, cu, stats = self.plan(keep, extra)
         n_keep, max_len, min_len, n_special = stats.tolist()
-        return TokenStream(x.index_select(0, order[:n_keep]), batch[:n_keep], pos[:n_keep], cu, max_len,
-                           self.num_images, n_special, max_len == min_len)
+        return TokenStream(
+            x.index_select(0, order[:n_keep]),
+            batch[:n_keep],
+            pos[:n_keep],
+            cu,
+            max_len,
+            self.num_images,
+            n_special,
+            max_len == min_len,
+        )
 
     def patches(self) -> tuple[Tensor, TokenStream]:
         """Indices of the patch tokens and the sub-stream they form (no host sync on CUDA).
@@ -114,8 +124,9 @@ class TokenStream:
         if self.num_special == 0 and not self.phantom:
             return torch.arange(self.x.shape[0], device=self.x.device), self
         B = self.batch_size
-        idx, batch, pos, cu, stats = partition(self.pos >= 0, self.batch, self.pos, self.cu_seqlens, B, B - 1, 1,
-                                               self.phantom)
+        idx, batch, pos, cu, stats = partition(
+            self.pos >= 0, self.batch, self.pos, self.cu_seqlens, B, B - 1, 1, self.phantom
+        )
         if self.phantom:
             return idx, TokenStream(self.x.index_select(0, idx), batch, pos, cu, self.max_len, B, 0, False, True)
         n = self.x.shape[0] - self.num_special
@@ -137,8 +148,9 @@ class TokenStream:
         out = t.new_zeros((B, L) + t.shape[1:])
         rank = self.rank()
         out = out.index_put((self.batch, rank), t)
-        valid = torch.zeros(B, L, dtype=torch.bool, device=t.device).index_put((self.batch, rank),
-                                                                            torch.ones_like(rank, dtype=torch.bool))
+        valid = torch.zeros(B, L, dtype=torch.bool, device=t.device).index_put(
+            (self.batch, rank), torch.ones_like(rank, dtype=torch.bool)
+        )
         return out, valid
 
     def unpad(self, t: Tensor) -> Tensor:

@@ -106,12 +106,34 @@ class RunState:
         else:
             self.canvas = torch.cat([logits.to(self.canvas.dtype), self.canvas[-1:]])
 
-    def grade(self, out: HeadOutput, head: SegHead, ps: TokenStream, stage: int, threshold: float,
-              mask: Tensor | None, final: bool) -> Grades:
+    def grade(
+        self,
+        out: HeadOutput,
+        head: SegHead,
+        ps: TokenStream,
+        stage: int,
+        threshold: float,
+        mask: Tensor | None,
+        final: bool,
+    ) -> Grades:
         """Write ``head``'s logits for the tokens ``ps`` into the canvas and grade them
         (:func:`~dtop.ops.grade.grade`); with ``final`` the easy tokens exit at ``stage``."""
-        g = grade(out.logits, out.presence, head.grading_rule, lambda: head.token_probs(out, ps), ps.batch, ps.pos,
-                  self.num_patches, self.canvas, self.exit_stage, stage, threshold, mask, final, self.inplace)
+        g = grade(
+            out.logits,
+            out.presence,
+            head.grading_rule,
+            lambda: head.token_probs(out, ps),
+            ps.batch,
+            ps.pos,
+            self.num_patches,
+            self.canvas,
+            self.exit_stage,
+            stage,
+            threshold,
+            mask,
+            final,
+            self.inplace,
+        )
         self.canvas = g.canvas
         return g
 
@@ -137,8 +159,18 @@ class RunState:
         """The stream of the whole patch map (every token, in grid order)."""
         B, N = self.batch_size, self.num_patches
         dev = x.device
-        return TokenStream(x, torch.arange(B, device=dev).repeat_interleave(N), torch.arange(N, device=dev).repeat(B),
-                           torch.arange(B + 1, device=dev, dtype=torch.int32) * N, N, B, 0, True, self.phantom, True)
+        return TokenStream(
+            x,
+            torch.arange(B, device=dev).repeat_interleave(N),
+            torch.arange(N, device=dev).repeat(B),
+            torch.arange(B + 1, device=dev, dtype=torch.int32) * N,
+            N,
+            B,
+            0,
+            True,
+            self.phantom,
+            True,
+        )
 
     def scatter_features(self, stream: TokenStream) -> Tensor:
         """The full [B·N, C] feature map: the stream's patch tokens at their positions, over the features

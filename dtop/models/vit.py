@@ -27,8 +27,10 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any reader failure means the same thing to the user
-        raise WeightsError(f"Could not read backbone weights {path} ({type(err).__name__}: {err}). "
-                           "Is the file complete? Re-copy or re-export it.") from err
+        raise WeightsError(
+            f"Could not read backbone weights {path} ({type(err).__name__}: {err}). "
+            "Is the file complete? Re-copy or re-export it."
+        ) from err
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -63,9 +65,11 @@ class ViTBackbone(nn.Module):
             **model_kwargs,
         )
         if not isinstance(vit, VisionTransformer) or not all(type(b) is Block for b in vit.blocks):
-            raise ValueError(f"{name!r} is not a plain timm ViT (VisionTransformer with standard Blocks); "
-                             "token pruning needs one, e.g. vit_base_patch16_224, deit_small_patch16_224, "
-                             "vit_small_patch14_dinov2.")
+            raise ValueError(
+                f"{name!r} is not a plain timm ViT (VisionTransformer with standard Blocks); "
+                "token pruning needs one, e.g. vit_base_patch16_224, deit_small_patch16_224, "
+                "vit_small_patch14_dinov2."
+            )
         self.vit = vit
         self.name = name
         if weights:
@@ -117,8 +121,10 @@ class ViTBackbone(nn.Module):
         missing, unexpected = self.vit.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
         if missing or unexpected:
-            raise WeightsError(f"Weights {path} do not fit backbone {self.name!r}: missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]}. Check model.backbone.name matches the checkpoint.")
+            raise WeightsError(
+                f"Weights {path} do not fit backbone {self.name!r}: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}. Check model.backbone.name matches the checkpoint."
+            )
         bad = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
         if bad:
             raise WeightsError(f"Shape mismatch for {bad[:5]} loading {path}.")
@@ -132,7 +138,7 @@ class ViTBackbone(nn.Module):
         own_prefix = 0 if self.vit.no_embed_class else self.num_prefix_tokens
         n = pos.shape[1]
         side = int(round((n - own_prefix) ** 0.5))
-        ckpt_prefix = own_prefix if side * side == n - own_prefix else n - int(n ** 0.5) ** 2
+        ckpt_prefix = own_prefix if side * side == n - own_prefix else n - int(n**0.5) ** 2
         grid = pos[:, ckpt_prefix:]
         grid = resample_abs_pos_embed(grid, new_size=list(self.vit.patch_embed.grid_size), num_prefix_tokens=0)
         prefix = pos[:, :ckpt_prefix][:, :own_prefix]
@@ -159,9 +165,17 @@ def _patch_embed(pe: nn.Module, images: Tensor) -> Tensor:
     p = proj.kernel_size if isinstance(proj, nn.Conv2d) else None
     B, C, H, W = images.shape
     fmt = "NLC" if getattr(pe, "flatten", False) else str(getattr(getattr(pe, "output_fmt", None), "value", ""))
-    if (p is None or proj.stride != p or proj.padding != (0, 0) or proj.dilation != (1, 1) or proj.groups != 1
-            or H % p[0] or W % p[1] or fmt not in ("NLC", "NHWC")
-            or (pe.img_size is not None and getattr(pe, "strict_img_size", False) and (H, W) != tuple(pe.img_size))):
+    if (
+        p is None
+        or proj.stride != p
+        or proj.padding != (0, 0)
+        or proj.dilation != (1, 1)
+        or proj.groups != 1
+        or H % p[0]
+        or W % p[1]
+        or fmt not in ("NLC", "NHWC")
+        or (pe.img_size is not None and getattr(pe, "strict_img_size", False) and (H, W) != tuple(pe.img_size))
+    ):
         return pe(images)
     h, w = H // p[0], W // p[1]
     patches = images.view(B, C, h, p[0], w, p[1]).permute(0, 2, 4, 1, 3, 5).reshape(B * h * w, C * p[0] * p[1])

@@ -52,8 +52,9 @@ class _FlashVarlen(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:
         q, k, v, out, lse, cu, seed, offset = ctx.saved_tensors
-        dq, dk, dv = torch.ops.aten._flash_attention_backward(grad.contiguous(), q, k, v, out, lse, cu, cu,
-                                                              ctx.max_len, ctx.max_len, 0.0, False, seed, offset)
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_len, ctx.max_len, 0.0, False, seed, offset
+        )
         return dq, dk, dv, None, None
 
 
@@ -85,6 +86,7 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, stream: Segments, dropout
         return out.transpose(1, 2).reshape(q.shape)
     (qp, valid), (kp, _), (vp, _) = stream.pad(q), stream.pad(k), stream.pad(v)
     mask = valid[:, None, None, :]
-    out = F.scaled_dot_product_attention(qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2),
-                                         attn_mask=mask, dropout_p=dropout_p)
+    out = F.scaled_dot_product_attention(
+        qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), attn_mask=mask, dropout_p=dropout_p
+    )
     return stream.unpad(out.transpose(1, 2))

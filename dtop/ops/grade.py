@@ -11,8 +11,8 @@ Rows of the flat per-token tensors (canvas, exit stage) are ``image · N + patch
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -50,9 +50,20 @@ def mark_exits(exit_stage: Tensor, rows: Tensor, exits: Tensor, stage: int) -> N
     exit_stage.index_put_((rows,), torch.where(exits, stage, exit_stage[rows]))
 
 
-def grade_reference(logits: Tensor, probs: Callable[[], Tensor], batch: Tensor, pos: Tensor, num_patches: int,
-                    canvas: Tensor, exit_stage: Tensor, stage: int, threshold: float, mask: Tensor | None,
-                    final: bool, inplace: bool) -> Grades:
+def grade_reference(
+    logits: Tensor,
+    probs: Callable[[], Tensor],
+    batch: Tensor,
+    pos: Tensor,
+    num_patches: int,
+    canvas: Tensor,
+    exit_stage: Tensor,
+    stage: int,
+    threshold: float,
+    mask: Tensor | None,
+    final: bool,
+    inplace: bool,
+) -> Grades:
     """Grade the tokens (``batch``, ``pos``) whose head gave ``logits`` [T, K]; ``probs()`` their class
     probabilities [T, K]; ``mask`` [n, N] a recorded keep mask (a phantom image borrows the last row)."""
     rows = flat_rows(batch, pos, num_patches, canvas.shape[0] - 1)
@@ -70,16 +81,42 @@ def grade_reference(logits: Tensor, probs: Callable[[], Tensor], batch: Tensor, 
     return Grades(conf, cls, easy, keep, canvas)
 
 
-def grade(logits: Tensor, presence: Tensor | None, rule: str | None, probs: Callable[[], Tensor], batch: Tensor,
-          pos: Tensor, num_patches: int, canvas: Tensor, exit_stage: Tensor, stage: int, threshold: float,
-          mask: Tensor | None, final: bool, inplace: bool) -> Grades:
+def grade(
+    logits: Tensor,
+    presence: Tensor | None,
+    rule: str | None,
+    probs: Callable[[], Tensor],
+    batch: Tensor,
+    pos: Tensor,
+    num_patches: int,
+    canvas: Tensor,
+    exit_stage: Tensor,
+    stage: int,
+    threshold: float,
+    mask: Tensor | None,
+    final: bool,
+    inplace: bool,
+) -> Grades:
     """:func:`grade_reference`, as one kernel where it can be. ``rule`` names what ``probs`` computes
     ("softmax" of the logits, or "sigmoid" of each times ``presence``'s [B, K]), None for another rule."""
     kernel = load("grade") if logits.is_cuda and inplace and rule in KERNEL_RULES else None
     if kernel is None:
-        return grade_reference(logits, probs, batch, pos, num_patches, canvas, exit_stage, stage, threshold, mask,
-                               final, inplace)
+        return grade_reference(
+            logits, probs, batch, pos, num_patches, canvas, exit_stage, stage, threshold, mask, final, inplace
+        )
     sigmoid = rule == "sigmoid"
-    conf, cls, easy, keep = kernel.grade(logits, presence if sigmoid else None, sigmoid, batch, pos, num_patches,
-                                         canvas, exit_stage, stage, threshold, mask, final)
+    conf, cls, easy, keep = kernel.grade(
+        logits,
+        presence if sigmoid else None,
+        sigmoid,
+        batch,
+        pos,
+        num_patches,
+        canvas,
+        exit_stage,
+        stage,
+        threshold,
+        mask,
+        final,
+    )
     return Grades(conf, cls, easy, keep, canvas)

@@ -8,7 +8,7 @@ axis): :mod:`dtop.kernels.labels` interpolates in registers and writes only the 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from torch import Tensor
 
@@ -30,8 +30,9 @@ def labels_reference(logits: Tensor, presence: Tensor | None, scores: Scores, ch
     return scores(upsampled(logits, chains).dense(), presence).argmax(1)
 
 
-def labels(logits: Tensor, presence: Tensor | None, scores: Scores, rule: str | None,
-           chains: Sequence[Chain]) -> Tensor:
+def labels(
+    logits: Tensor, presence: Tensor | None, scores: Scores, rule: str | None, chains: Sequence[Chain]
+) -> Tensor:
     """:func:`labels_reference`, in one kernel where it can be. ``rule`` names what ``scores`` computes
     ("softmax": the logits' order; "sigmoid": sigmoid × presence's sigmoid), None for another rule."""
     kernel = load("labels") if logits.is_cuda and rule in KERNEL_RULES else None
@@ -39,6 +40,7 @@ def labels(logits: Tensor, presence: Tensor | None, scores: Scores, rule: str | 
         rows, cols = (resize_taps(*chain, logits.device) for chain in chains)
         if rows is not None and cols is not None:
             sigmoid = rule == "sigmoid"
-            return kernel.upsampled_argmax(logits, presence if sigmoid else None, sigmoid, rows.runs, rows.weights,
-                                           cols.runs, cols.weights, RUN)
+            return kernel.upsampled_argmax(
+                logits, presence if sigmoid else None, sigmoid, rows.runs, rows.weights, cols.runs, cols.weights, RUN
+            )
     return labels_reference(logits, presence, scores, chains)

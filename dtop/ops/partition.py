@@ -7,7 +7,7 @@ and in image order, so no sort is needed). Fast path (CUDA): one Triton kernel,
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +31,10 @@ def _stable_partition(flag: Tensor, before: Tensor) -> Tensor:
     return torch.empty_like(ar).scatter_(0, dest, ar)
 
 
-def _relabel(order: Tensor, batch: Tensor, pos: Tensor, n_keep: Tensor, rest_batch: int,
-             num_patches: int) -> tuple[Tensor, Tensor]:
-    """Batch and pos in ``order``; past the first ``n_keep``: image ``rest_batch`` at positions cycling over the grid."""
+def _relabel(
+    order: Tensor, batch: Tensor, pos: Tensor, n_keep: Tensor, rest_batch: int, num_patches: int
+) -> tuple[Tensor, Tensor]:
+    """Batch and pos in ``order``; past the first ``n_keep``: image ``rest_batch``, positions cycling over the grid."""
     ar = torch.arange(order.shape[0], device=order.device)
     first = ar < n_keep
     return torch.where(first, batch[order], rest_batch), torch.where(first, pos[order], ar % num_patches)
@@ -53,8 +54,16 @@ def _place(out: Sequence[Tensor] | None, tensors: Sequence[Tensor]) -> list[Tens
     return [dst[: t.shape[0]].copy_(t) for dst, t in zip(out, tensors)]
 
 
-def partition_reference(flag: Tensor, batch: Tensor, pos: Tensor, cu_seqlens: Tensor, n_img: int, rest_batch: int,
-                        num_patches: int, absorb: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def partition_reference(
+    flag: Tensor,
+    batch: Tensor,
+    pos: Tensor,
+    cu_seqlens: Tensor,
+    n_img: int,
+    rest_batch: int,
+    num_patches: int,
+    absorb: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Kept tokens (``flag`` set and image < ``n_img``) first, each image's in order, then the rest, in order.
 
     Returns ``order`` (the permutation), ``batch`` and ``pos`` in that order (the rest relabelled as
@@ -76,9 +85,17 @@ def partition_reference(flag: Tensor, batch: Tensor, pos: Tensor, cu_seqlens: Te
     return order, out_batch, out_pos, cu, stats
 
 
-def partition(flag: Tensor, batch: Tensor, pos: Tensor, cu_seqlens: Tensor, n_img: int, rest_batch: int,
-              num_patches: int, absorb: bool, out: Sequence[Tensor] | None = None
-              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def partition(
+    flag: Tensor,
+    batch: Tensor,
+    pos: Tensor,
+    cu_seqlens: Tensor,
+    n_img: int,
+    rest_batch: int,
+    num_patches: int,
+    absorb: bool,
+    out: Sequence[Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`partition_reference`, as one Triton kernel on CUDA; ``out`` (batch, pos, cu_seqlens, stats): buffers
     to place the results in (their leading elements: the kernel writes there directly)."""
     kernel = load("partition") if flag.is_cuda else None
@@ -88,9 +105,17 @@ def partition(flag: Tensor, batch: Tensor, pos: Tensor, cu_seqlens: Tensor, n_im
     return order, *_place(out, result)
 
 
-def partition_with_extra(keep: Tensor, batch: Tensor, pos: Tensor, cu_seqlens: Tensor, n_img: int,
-                         extra_batch: Tensor, extra_keep: Tensor, num_patches: int,
-                         out: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def partition_with_extra(
+    keep: Tensor,
+    batch: Tensor,
+    pos: Tensor,
+    cu_seqlens: Tensor,
+    n_img: int,
+    extra_batch: Tensor,
+    extra_keep: Tensor,
+    num_patches: int,
+    out: Sequence[Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`partition_reference` over the stream's tokens followed by extra tokens (non-patch, image
     ``extra_batch`` in non-decreasing order, kept where ``extra_keep``), which end their image's segment.
 
@@ -105,13 +130,20 @@ def partition_with_extra(keep: Tensor, batch: Tensor, pos: Tensor, cu_seqlens: T
     ar, ear = torch.arange(keep.shape[0], device=keep.device), torch.arange(ekeep.shape[0], device=keep.device)
     # a kept stream token goes after the kept extras of earlier images; a kept extra token after
     # its image's kept stream tokens; dropped ones follow in order
-    dest = torch.cat([torch.where(keep, kept[1:] - 1 + ebefore[batch], n_keep + ar - kept[1:]),
-                      torch.where(ekeep, before[(extra_batch + 1).clamp(max=n_img)] + ekept[1:] - 1,
-                                  n_keep + n_drop + ear - ekept[1:])])
+    dest = torch.cat(
+        [
+            torch.where(keep, kept[1:] - 1 + ebefore[batch], n_keep + ar - kept[1:]),
+            torch.where(
+                ekeep, before[(extra_batch + 1).clamp(max=n_img)] + ekept[1:] - 1, n_keep + n_drop + ear - ekept[1:]
+            ),
+        ]
+    )
     order = torch.empty_like(dest).scatter_(0, dest, torch.arange(dest.shape[0], device=dest.device))
     all_batch = torch.cat([batch, extra_batch])
     all_pos = torch.cat([pos, torch.full_like(extra_batch, -1)])
     out_batch, out_pos = _relabel(order, all_batch, all_pos, n_keep, n_img, num_patches)
     counts = cu[1:] - cu[:-1]
     special = (keep & (pos < 0)).sum() + ekept[-1]
-    return order, *_place(out, [out_batch, out_pos, cu.to(torch.int32), torch.stack([n_keep, counts.max(), counts.min(), special])])
+    return order, *_place(
+        out, [out_batch, out_pos, cu.to(torch.int32), torch.stack([n_keep, counts.max(), counts.min(), special])]
+    )

@@ -130,5 +130,8 @@ def dense(logits: Tensor | Upsampled) -> Tensor:
 def resize_bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:
     """Resize [..., h, w] to [..., H, W]; float32 at least (logits feed softmax and argmax)."""
     (h, w), dev = x.shape[-2:], x.device
-    return Upsampled(x, resize_operator(h, int(size[0]), int(size[0]), None, dev),
-                     resize_operator(w, int(size[1]), int(size[1]), None, dev)).dense()
+    return Upsampled(
+        x,
+        resize_operator(h, int(size[0]), int(size[0]), None, dev),
+        resize_operator(w, int(size[1]), int(size[1]), None, dev),
+    ).dense()

@@ -40,12 +40,16 @@ def check(device: str, dtype: torch.dtype, tol: float) -> int:
     assert float(pixel_cross_entropy_sum(x, t)) == 0.0
     return cases + 1
 
+
 def check_upsampled(device: str, dtype: torch.dtype, tol: float) -> int:
     g, cases = torch.Generator().manual_seed(0), 0
     dev = torch.device(device)
     # source width 7 (padded to a 16-wide tile) and 20 (32); 150 columns: two pixel blocks, the last ragged
-    for K, (h, w), (H, W), weighted in [(5, (3, 7), (21, 40), False), (70, (4, 20), (9, 150), False),
-                                        (70, (4, 20), (9, 150), True)]:
+    for K, (h, w), (H, W), weighted in [
+        (5, (3, 7), (21, 40), False),
+        (70, (4, 20), (9, 150), False),
+        (70, (4, 20), (9, 150), True),
+    ]:
         low = (3 * torch.randn(2, K, h, w, generator=g)).to(device=device, dtype=dtype).requires_grad_()
         rows = resize_operator(h, H, H, None, dev)
         cols = resize_operator(w, W + 8, W, None, dev)  # resized to a padded width, then cropped

@@ -44,14 +44,39 @@ def main(dev: str, dtype_name: str) -> int:
                     head, out = _Head(rule), HeadOutput(logits, presence)
                     canvas, exit_stage = torch.zeros(B * N + 1, K), torch.full((B * N + 1,), 2)
                     kcanvas, kexit = canvas.clone().to(dev), exit_stage.clone().to(dev)
-                    r = grade_reference(logits, lambda: head.token_probs(out, ps), batch, pos, N, canvas, exit_stage,
-                                        1, thr, mask, final, inplace=True)
-                    k = grade(logits.to(dev), None if presence is None else presence.to(dev), rule == "sigmoid",
-                              batch.to(dev), pos.to(dev), N, kcanvas, kexit, 1, thr,
-                              None if mask is None else mask.to(dev), final)
+                    r = grade_reference(
+                        logits,
+                        lambda: head.token_probs(out, ps),
+                        batch,
+                        pos,
+                        N,
+                        canvas,
+                        exit_stage,
+                        1,
+                        thr,
+                        mask,
+                        final,
+                        inplace=True,
+                    )
+                    k = grade(
+                        logits.to(dev),
+                        None if presence is None else presence.to(dev),
+                        rule == "sigmoid",
+                        batch.to(dev),
+                        pos.to(dev),
+                        N,
+                        kcanvas,
+                        kexit,
+                        1,
+                        thr,
+                        None if mask is None else mask.to(dev),
+                        final,
+                    )
                     kconf, kcls, keasy, kkeep = (None if t is None else t.cpu() for t in k)
                     where = (K, rule, with_presence, with_mask, final)
-                    assert torch.allclose(r.conf, kconf, rtol=reorder_rel(torch.float32), atol=reorder_rel(torch.float32)), where
+                    assert torch.allclose(
+                        r.conf, kconf, rtol=reorder_rel(torch.float32), atol=reorder_rel(torch.float32)
+                    ), where
                     assert torch.equal(r.cls, kcls) and torch.equal(r.easy, keasy), where
                     assert (r.keep is None) == (kkeep is None) and (r.keep is None or torch.equal(r.keep, kkeep)), where
                     assert torch.equal(canvas[:-1], kcanvas[:-1].cpu()) and torch.equal(exit_stage, kexit.cpu()), where

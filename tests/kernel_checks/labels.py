@@ -32,8 +32,16 @@ def main(dev_name: str, dtype_name: str) -> int:
             want = labels_reference(logits.float(), presence, head.scores, chain)
             scores = head.scores(upsampled(logits.float(), chain).dense(), presence)
             rows, cols = (resize_taps(*c, dev) for c in chain)
-            got = upsampled_argmax(logits.to(dev), None if presence is None else presence.to(dev), rule == "sigmoid",
-                                   rows.runs, rows.weights, cols.runs, cols.weights, RUN).cpu()
+            got = upsampled_argmax(
+                logits.to(dev),
+                None if presence is None else presence.to(dev),
+                rule == "sigmoid",
+                rows.runs,
+                rows.weights,
+                cols.runs,
+                cols.weights,
+                RUN,
+            ).cpu()
             where = (K, rule, with_presence, rn, rp, rc, cn, cp, cc)
             assert got.shape == (B, rc, cc) and got.dtype == torch.long, where
             top = scores.max(1).values

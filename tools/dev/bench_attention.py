@@ -68,8 +68,11 @@ def main() -> None:
             rows.append((t, f"{bm}x{bn} w{w} s{st}: {t:.1f} µs ({flops / t / 1e6:.0f} TFLOP/s) err {err:.1e}"))
         kernel.SHORT, kernel.LONG = defaults
         rows.sort()
-        print(f"{name}: T={T}, FA2 {fa2:.1f} µs ({flops / fa2 / 1e6:.0f} TFLOP/s); Triton "
-              + "; ".join(r for _, r in rows[:4]), flush=True)
+        print(
+            f"{name}: T={T}, FA2 {fa2:.1f} µs ({flops / fa2 / 1e6:.0f} TFLOP/s); Triton "
+            + "; ".join(r for _, r in rows[:4]),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

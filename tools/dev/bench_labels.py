@@ -20,8 +20,13 @@ from dtop.kernels.labels import upsampled_argmax
 from dtop.ops.resize import RUN, Upsampled, resize_operator, resize_taps
 
 dev = torch.device("cuda")
-for B, K, (H, W) in ((1, 150, (512, 512)), (8, 150, (512, 512)), (32, 150, (512, 512)), (1, 19, (1024, 2048)),
-                     (2, 19, (1024, 2048))):
+for B, K, (H, W) in (
+    (1, 150, (512, 512)),
+    (8, 150, (512, 512)),
+    (32, 150, (512, 512)),
+    (1, 19, (1024, 2048)),
+    (2, 19, (1024, 2048)),
+):
     h, w = H // 16, W // 16
     logits = torch.randn(B, h, w, K, device=dev).permute(0, 3, 1, 2)  # the engine's channels-last map
     ops = [resize_operator(n, s, s, None, dev) for n, s in ((h, H), (w, W))]
@@ -32,8 +37,10 @@ for B, K, (H, W) in ((1, 150, (512, 512)), (8, 150, (512, 512)), (32, 150, (512,
     same = float((ref == got).float().mean())
     t_ref = graph_ms(lambda: Upsampled(logits, *ops).dense().argmax(1))
     t_kernel = graph_ms(lambda: upsampled_argmax(logits, None, False, *taps))
-    print(f"B={B:2d} K={K:3d} {H}×{W}: upsample + argmax {t_ref:.3f} ms, label kernel {t_kernel:.3f} ms "
-          f"(×{t_ref / t_kernel:.1f}); labels equal on {100 * same:.4f} % of pixels")
+    print(
+        f"B={B:2d} K={K:3d} {H}×{W}: upsample + argmax {t_ref:.3f} ms, label kernel {t_kernel:.3f} ms "
+        f"(×{t_ref / t_kernel:.1f}); labels equal on {100 * same:.4f} % of pixels"
+    )
     if "--sweep" in sys.argv:
         default, row = labels.WARPS, []
         for warps in (2, 4, 8):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from dtop.losses import cross_entropy
 from dtop.ops.resize import Upsampled, resize_bilinear, resize_operator
 
-B, K, S, h = [int(a) for a in sys.argv[1:5]] + [8, 150, 512, 32][len(sys.argv[1:5]):]
+B, K, S, h = [int(a) for a in sys.argv[1:5]] + [8, 150, 512, 32][len(sys.argv[1:5]) :]
 low = torch.randn(B, K, h, h, device="cuda", requires_grad=True)
 target = torch.randint(0, K, (B, S, S), device="cuda")
 
@@ -61,5 +61,7 @@ with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
     diffs = {name: abs(float(fn()) - ref) for name, fn in (("fused", fused), ("upsampling", upsampling))}
 for name, fn in (("stock", stock), ("fused", fused), ("upsampling", upsampling)):
     ms, mib = timed(fn)
-    print(f"{name}: {ms:.3f} ms fwd+bwd, peak {mib:.0f} MiB  ({torch.cuda.get_device_name()}, B={B} K={K} {S}² from {h}²)")
+    print(
+        f"{name}: {ms:.3f} ms fwd+bwd, peak {mib:.0f} MiB  ({torch.cuda.get_device_name()}, B={B} K={K} {S}² from {h}²)"
+    )
 print("|loss - stock loss|: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))

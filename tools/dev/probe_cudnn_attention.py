@@ -40,10 +40,15 @@ def sdpa(backend: SDPBackend, n: int, grad: bool) -> None:
 print(f"torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, {torch.cuda.get_device_name()}")
 for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
     for grad in (False, True):
-        new = [wall_ms(lambda: sdpa(backend, int(torch.randint(2000, 6000, (1,), generator=g)), grad)) for _ in range(12)]
+        new = [
+            wall_ms(lambda: sdpa(backend, int(torch.randint(2000, 6000, (1,), generator=g)), grad)) for _ in range(12)
+        ]
         same = [wall_ms(lambda: sdpa(backend, 4096, grad)) for _ in range(6)]
-        print(f"{backend.name:16s} backward={grad!s:5s} new length each call: median {statistics.median(new[1:]):7.2f} ms; "
-              f"same length: median {statistics.median(same[1:]):6.2f} ms")
+        print(
+            f"{backend.name:16s} backward={grad!s:5s} new length each call: "
+            f"median {statistics.median(new[1:]):7.2f} ms; "
+            f"same length: median {statistics.median(same[1:]):6.2f} ms"
+        )
 
 
 def packed(lengths: list[int]):
@@ -63,8 +68,12 @@ def cudnn_varlen(q, k, v, cu, m):
 
 lengths = [int(x) for x in torch.randint(300, 520, (8,), generator=g)]
 q, k, v, cu, m = packed(lengths)
-ref = torch.cat([F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1)[None].float() for t in (q, k, v)))[0]
-                 .transpose(0, 1) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
+ref = torch.cat(
+    [
+        F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1)[None].float() for t in (q, k, v)))[0].transpose(0, 1)
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())
+    ]
+)
 for fn in (flash_varlen, cudnn_varlen):
     try:
         err = float((fn(q, k, v, cu, m).float() - ref).abs().max())
@@ -80,9 +89,12 @@ def replay_us(fn, args, reps: int = 20) -> float:
 
 
 # Inside CUDA graphs (how cuda_graphs=true inference runs) the per-call planning is paid once, at capture.
-for heads, lengths in ((12, [int(x) for x in torch.randint(500, 1025, (8,), generator=g)] + [200]),
-                       (16, [int(x) for x in torch.randint(500, 1025, (8,), generator=g)] + [200]),
-                       (16, [5400, 150]), (16, [5400, 5100, 300])):
+for heads, lengths in (
+    (12, [int(x) for x in torch.randint(500, 1025, (8,), generator=g)] + [200]),
+    (16, [int(x) for x in torch.randint(500, 1025, (8,), generator=g)] + [200]),
+    (16, [5400, 150]),
+    (16, [5400, 5100, 300]),
+):
     H = heads
     q, k, v, cu, m = packed(lengths)
     row = []
@@ -96,7 +108,10 @@ for heads, lengths in ((12, [int(x) for x in torch.randint(500, 1025, (8,), gene
     qd, kd, vd = (t.transpose(0, 1)[None] for t in (q, k, v))
     for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
         with sdpa_kernel(backend):
-            row.append(f"dense {backend.name[:5]} over all {n} {replay_us(F.scaled_dot_product_attention, (qd, kd, vd)):8.1f} µs")
+            row.append(
+                f"dense {backend.name[:5]} over all {n} "
+                f"{replay_us(F.scaled_dot_product_attention, (qd, kd, vd)):8.1f} µs"
+            )
     print(f"graph replay, {H} heads, segments {lengths}: " + "; ".join(row))
 
 
@@ -107,14 +122,19 @@ for heads, n, tb in ((12, 700, 768), (16, 700, 768), (16, 5400, 5568)):
     ref = flash_varlen(q, k, v, cu, m)[:n].float()
     qd, kd, vd = (t.transpose(0, 1)[None] for t in (q, k, v))
     keys = torch.arange(tb, device="cuda") < n
-    masks = {"bool [1,1,1,T]": keys[None, None, None, :],
-             "bias [1,1,T,T] stride-0 rows": torch.zeros(tb, device="cuda", dtype=torch.bfloat16)
-             .masked_fill(~keys, float("-inf"))[None, None, None, :].expand(1, 1, tb, tb)}
+    masks = {
+        "bool [1,1,1,T]": keys[None, None, None, :],
+        "bias [1,1,T,T] stride-0 rows": torch.zeros(tb, device="cuda", dtype=torch.bfloat16)
+        .masked_fill(~keys, float("-inf"))[None, None, None, :]
+        .expand(1, 1, tb, tb),
+    }
     row = [f"flash varlen {replay_us(flash_varlen, (q, k, v, cu, m)):7.1f} µs"]
     for name, mask in masks.items():
+
         def masked(q, k, v, mask=mask):
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
         try:
             err = float((masked(qd, kd, vd)[0].transpose(0, 1)[:n].float() - ref).abs().max())
             row.append(f"cuDNN {name} {replay_us(masked, (qd, kd, vd)):7.1f} µs (err {err:.1g})")

@@ -31,10 +31,14 @@ S = int(sys.argv[3]) if len(sys.argv) > 3 else 512
 mode = sys.argv[4] if len(sys.argv) > 4 else "infer"
 gaps = len(sys.argv) > 5 and sys.argv[5] == "gaps"
 layers = [6, 8] if "base" in name else [8, 16]
-keep = [float(k) for k in os.environ["KEEP"].split(",")] if "KEEP" in os.environ else (
-    [0.7, 0.5] if mode == "infer" else [0.4, 0.25])
-model = build_segmentor(ViTBackbone(name, img_size=(S, S)), partial(FCNHead), 150, partial(FCNHead), layers,
-                        RecordedDecisions([])).cuda()
+keep = (
+    [float(k) for k in os.environ["KEEP"].split(",")]
+    if "KEEP" in os.environ
+    else ([0.7, 0.5] if mode == "infer" else [0.4, 0.25])
+)
+model = build_segmentor(
+    ViTBackbone(name, img_size=(S, S)), partial(FCNHead), 150, partial(FCNHead), layers, RecordedDecisions([])
+).cuda()
 model.train(mode == "train")
 N = (S // 16) ** 2
 model.pruning.keep = [m.cuda() for m in random_keep_masks(B, N, keep, 0.1, torch.Generator().manual_seed(0))]
@@ -65,7 +69,9 @@ def idle_report(prof: profile, top: int = 15) -> None:
         events = json.load(open(f.name))["traceEvents"]
     xs = [e for e in events if e.get("ph") == "X"]
     kernels = sorted((e for e in xs if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
-    launch = {e["args"]["correlation"]: e for e in xs if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    launch = {
+        e["args"]["correlation"]: e for e in xs if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})
+    }
     py: dict[int, list] = collections.defaultdict(list)
     ops: dict[int, list] = collections.defaultdict(list)
     for e in xs:
@@ -79,7 +85,7 @@ def idle_report(prof: profile, top: int = 15) -> None:
     def enclosing(table: dict, index: dict, tid: int, ts: float) -> list[str]:
         frames = table.get(tid, [])
         i = bisect.bisect_right(index.get(tid, []), ts)
-        return [name for a, b, name in frames[max(0, i - 400):i] if b >= ts]
+        return [name for a, b, name in frames[max(0, i - 400) : i] if b >= ts]
 
     def ours(frames: list[str]) -> list[str]:
         return [n for n in frames if "dtop" in n and "profile_gpu" not in n]
@@ -111,7 +117,10 @@ def idle_report(prof: profile, top: int = 15) -> None:
                 label = f"no Python (autograd engine): {' ← '.join(names[:1] + names[-1:])}"
         charged[label] += gap
     span = kernels[-1]["ts"] + kernels[-1]["dur"] - kernels[0]["ts"]
-    print(f"{len(kernels)} kernels; GPU idle {total / 1e3:.2f} ms of a {span / 1e3:.2f} ms span, charged to the launching function:")
+    print(
+        f"{len(kernels)} kernels; GPU idle {total / 1e3:.2f} ms of a {span / 1e3:.2f} ms span, "
+        "charged to the launching function:"
+    )
     for label, us in charged.most_common(top):
         print(f"  {us / 1e3:8.2f} ms  {label}")
 
@@ -137,7 +146,10 @@ for dense in (True, False):
             torch.cuda.synchronize()
     events = prof.key_averages()
     kernel_ms = sum(e.device_time_total for e in events if e.device_type.name == "CUDA") / 1e3 / 3
-    print(f"\n=== {mode} {'dense' if dense else 'pruned'} {name} b{B} {S}²: wall {wall:.2f} ms, kernels {kernel_ms:.2f} ms")
+    print(
+        f"\n=== {mode} {'dense' if dense else 'pruned'} {name} b{B} {S}²: "
+        f"wall {wall:.2f} ms, kernels {kernel_ms:.2f} ms"
+    )
     print(events.table(sort_by="device_time_total", row_limit=22, max_name_column_width=70))
     if gaps:
         idle_report(traced)

@@ -19,10 +19,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from dtop.cli.bench import graph_ms
+from dtop.models.blocks import blocks_forward
 from dtop.models.build import build_segmentor
 from dtop.models.graphs import GraphedSegmentor, StageGraphs
 from dtop.models.heads.fcn import FCNHead
-from dtop.models.blocks import blocks_forward
 from dtop.models.packed import TokenStream
 from dtop.models.policies import RecordedDecisions, random_keep_masks
 from dtop.models.vit import ViTBackbone
@@ -59,8 +59,9 @@ def block_latency(model: torch.nn.Module) -> None:
     for T in (1025, 769, 513, 321):
         x = torch.randn(T, block.norm1.normalized_shape[0], device="cuda", dtype=next(block.parameters()).dtype)
         zero = torch.zeros(T, dtype=torch.long, device="cuda")
-        stream = TokenStream(x, zero, zero, torch.tensor([0, T, T], dtype=torch.int32, device="cuda"), T, 2, 0, False,
-                             True)
+        stream = TokenStream(
+            x, zero, zero, torch.tensor([0, T, T], dtype=torch.int32, device="cuda"), T, 2, 0, False, True
+        )
         with torch.no_grad():
             row.append(f"{T} tokens {graph_time(lambda: blocks_forward([block], stream)):.1f}")
     print("one block, batch 1, µs per replay: " + ", ".join(row))
@@ -68,8 +69,13 @@ def block_latency(model: torch.nn.Module) -> None:
 
 if "--micro" in sys.argv:
     micro()
-model = build_segmentor(ViTBackbone(name, img_size=(S, S)), partial(FCNHead), 150, partial(FCNHead), layers,
-                        RecordedDecisions([])).cuda().eval()
+model = (
+    build_segmentor(
+        ViTBackbone(name, img_size=(S, S)), partial(FCNHead), 150, partial(FCNHead), layers, RecordedDecisions([])
+    )
+    .cuda()
+    .eval()
+)
 if "--blocks" in sys.argv:
     block_latency(model.to(torch.bfloat16))
 graphed = GraphedSegmentor(model, 64)
@@ -77,8 +83,9 @@ dtype = torch.bfloat16 if precision == "pure" else torch.float32
 model.to(dtype)
 N = (S // 16) ** 2
 for B in batches:
-    masks = [[m.cuda() for m in random_keep_masks(B, N, [0.7, 0.5], 0.2, torch.Generator().manual_seed(i))]
-             for i in range(8)]
+    masks = [
+        [m.cuda() for m in random_keep_masks(B, N, [0.7, 0.5], 0.2, torch.Generator().manual_seed(i))] for i in range(8)
+    ]
     xs = [torch.randn(B, 3, S, S, device="cuda", dtype=dtype) for _ in range(4)]
     model.pruning.set_keep(masks[0])
 
@@ -125,8 +132,12 @@ for B in batches:
     n = len(runs[0])
     spans = [statistics.median(r[g][0].elapsed_time(r[g][1]) * 1e3 for r in runs) for g in range(n)]
     waits = [statistics.median(r[g - 1][1].elapsed_time(r[g][0]) * 1e3 for r in runs) for g in range(1, n)]
-    print("group replays (µs, event to event): " + ", ".join(f"{t:.1f}" for t in spans)
-          + "; GPU idle between groups (µs): " + ", ".join(f"{t:.1f}" for t in waits))
+    print(
+        "group replays (µs, event to event): "
+        + ", ".join(f"{t:.1f}" for t in spans)
+        + "; GPU idle between groups (µs): "
+        + ", ".join(f"{t:.1f}" for t in waits)
+    )
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for i in range(4):
             run(i, True)
@@ -153,8 +164,9 @@ for B in batches:
             if dense_names[nm] != (k[nm][0] if nm in k else 0):
                 c, t = k[nm] if nm in k else (0, 0.0)
                 print(f"{dense_names[nm] / 4:6.1f} → {c / 4:6.1f} {t / 4:9.1f} µs  {nm}")
-    spans = sorted((e.time_range.start, e.time_range.end, e.name[:60]) for e in prof.events()
-                   if e.device_type.name == "CUDA")
+    spans = sorted(
+        (e.time_range.start, e.time_range.end, e.name[:60]) for e in prof.events() if e.device_type.name == "CUDA"
+    )
     gaps = [(b[0] - a[1], a[2], b[2]) for a, b in zip(spans, spans[1:])]
     idle = sum(g for g, _, _ in gaps if g < 1000) / 4  # the 4 runs' own gaps, not the host time between runs
     print(f"GPU idle between kernels per pruned run: {idle:.1f} µs; gaps of 10 µs or more (per run):")

@@ -91,8 +91,10 @@ class FileListDataModule(SegDataModule, ABC):
     ) -> None:
         super().__init__(batch_size, val_batch_size, num_workers, pin_memory, seed)
         if num_classes is not None and num_classes != self.num_classes:
-            raise ValueError(f"{type(self).__name__} has {self.num_classes} classes, but the config says "
-                             f"num_classes={num_classes}; the model's class count comes from data.num_classes.")
+            raise ValueError(
+                f"{type(self).__name__} has {self.num_classes} classes, but the config says "
+                f"num_classes={num_classes}; the model's class count comes from data.num_classes."
+            )
         self.root = Path(root).expanduser()
         self.scale = _or_default(scale, self.default_scale)
         self.crop_size: tuple[int, int] = _or_default(crop_size, self.default_crop_size)

@@ -40,7 +40,7 @@ class ATMDecoderLayer(nn.Module):
         if dim % num_heads:
             raise ValueError(f"ATM width {dim} is not divisible by {num_heads} heads.")
         self.dim, self.num_heads, self.head_dim, self.hidden = dim, num_heads, dim // num_heads, hidden
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.dropout = dropout
         # query self-attention
         self.self_qkv = nn.Linear(dim, 3 * dim)
@@ -118,8 +118,16 @@ class ATMHead(SegHead):
 
     grading = "sigmoid"  # a token's class score: its mask sigmoid times the class presence sigmoid
 
-    def __init__(self, in_channels: int, num_classes: int, dim: int | None = None, num_heads: int | None = None,
-                 num_layers: int = 3, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        dim: int | None = None,
+        num_heads: int | None = None,
+        num_layers: int = 3,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         dim = in_channels // 2 if dim is None else dim
         num_heads = max(dim // 64, 1) if num_heads is None else num_heads
@@ -130,8 +138,9 @@ class ATMHead(SegHead):
         self.input_proj = nn.Linear(in_channels, dim)
         self.proj_norm = nn.LayerNorm(dim)
         self.query = nn.Embedding(num_classes, dim)
-        self.layers = nn.ModuleList(ATMDecoderLayer(dim, num_heads, int(dim * mlp_ratio), dropout)
-                                    for _ in range(num_layers))
+        self.layers = nn.ModuleList(
+            ATMDecoderLayer(dim, num_heads, int(dim * mlp_ratio), dropout) for _ in range(num_layers)
+        )
         self.presence_embed = nn.Linear(dim, 1)
         self.reset_parameters()
 
@@ -163,9 +172,17 @@ class ATMHead(SegHead):
                 outs.append(HeadOutput(logits, self.presence_embed(tgt).squeeze(-1)))
         return outs
 
-    def loss(self, logits: Tensor | Upsampled, presence: Tensor | None, target: Tensor,
-             ignore_index: int = 255, presence_weight: float = 1.0, absent_weight: float = 0.1,
-             focal_weight: float = 20.0, dice_weight: float = 1.0) -> dict[str, Tensor]:
+    def loss(
+        self,
+        logits: Tensor | Upsampled,
+        presence: Tensor | None,
+        target: Tensor,
+        ignore_index: int = 255,
+        presence_weight: float = 1.0,
+        absent_weight: float = 0.1,
+        focal_weight: float = 20.0,
+        dice_weight: float = 1.0,
+    ) -> dict[str, Tensor]:
         """SegViT/mmseg-style terms with query c ↔ class c fixed (no Hungarian matching).
 
         - ``presence``: BCE-with-logits against "class occurs among the image's labelled pixels",

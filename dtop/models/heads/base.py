@@ -77,8 +77,9 @@ class SegHead(nn.Module):
             return probs if presence is None else probs * presence.float().sigmoid()[:, :, None, None]
         return logits
 
-    def loss(self, logits: Tensor | Upsampled, presence: Tensor | None, target: Tensor,
-             ignore_index: int = 255) -> dict[str, Tensor]:
+    def loss(
+        self, logits: Tensor | Upsampled, presence: Tensor | None, target: Tensor, ignore_index: int = 255
+    ) -> dict[str, Tensor]:
         """Training loss terms for an assembled logit map at the label size (or factored to it)."""
         return {"ce": cross_entropy(logits, target, ignore_index)}
 

@@ -19,8 +19,14 @@ from dtop.models.packed import TokenStream
 class FCNHead(SegHead):
     """Per-token FCN head; ``channels=None`` gives DoViT's single 1×1-conv classifier."""
 
-    def __init__(self, in_channels: int, num_classes: int, channels: int | None = 256,
-                 input_norm: bool = True, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        channels: int | None = 256,
+        input_norm: bool = True,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.in_channels, self.num_classes, self.channels = in_channels, num_classes, channels
         self.norm = nn.LayerNorm(in_channels, eps=1e-6) if input_norm else nn.Identity()
@@ -28,8 +34,9 @@ class FCNHead(SegHead):
             self.conv = nn.Identity()
             width = in_channels
         else:
-            self.conv = nn.Sequential(nn.Linear(in_channels, channels, bias=False),
-                                      nn.BatchNorm1d(channels), nn.ReLU(inplace=True))
+            self.conv = nn.Sequential(
+                nn.Linear(in_channels, channels, bias=False), nn.BatchNorm1d(channels), nn.ReLU(inplace=True)
+            )
             width = channels
         self.dropout = nn.Dropout(dropout)
         self.cls = nn.Linear(width, num_classes)
@@ -42,7 +49,10 @@ class FCNHead(SegHead):
         return HeadOutput(self.cls(self.dropout(self.conv(self.norm(x)))))
 
     def macs(self, n: Tensor) -> tuple[Tensor, Tensor]:
-        per_token = (self.in_channels * self.channels + self.channels * self.num_classes
-                     if self.channels is not None else self.in_channels * self.num_classes)
+        per_token = (
+            self.in_channels * self.channels + self.channels * self.num_classes
+            if self.channels is not None
+            else self.in_channels * self.num_classes
+        )
         m = n.to(torch.float64) * per_token
         return m, m

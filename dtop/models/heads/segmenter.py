@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from dtop.models.blocks import block_forward
 from dtop.models.heads.base import HeadOutput, SegHead
 from dtop.models.macs import blocks_macs
-from dtop.models.blocks import block_forward
 from dtop.models.packed import TokenStream
 
 
@@ -49,9 +49,18 @@ class SegmenterHead(SegHead):
     head grades raw features as an aux head).
     """
 
-    def __init__(self, in_channels: int, num_classes: int, d_model: int | None = None,
-                 num_heads: int | None = None, num_layers: int = 2, mlp_ratio: float = 4.0,
-                 drop_path_rate: float = 0.0, dropout: float = 0.0, input_norm: bool = False) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        d_model: int | None = None,
+        num_heads: int | None = None,
+        num_layers: int = 2,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.0,
+        dropout: float = 0.0,
+        input_norm: bool = False,
+    ) -> None:
         super().__init__()
         d = in_channels if d_model is None else int(d_model)
         heads = max(d // 64, 1) if num_heads is None else int(num_heads)
@@ -66,9 +75,18 @@ class SegmenterHead(SegHead):
         self.cls_emb = nn.Parameter(torch.zeros(num_classes, d))
         rates = torch.linspace(0, drop_path_rate, num_layers).tolist()
         self.blocks = nn.ModuleList(
-            Block(d, heads, mlp_ratio=mlp_ratio, qkv_bias=True, proj_drop=dropout, attn_drop=dropout,
-                  drop_path=rate, norm_layer=nn.LayerNorm)
-            for rate in rates)
+            Block(
+                d,
+                heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=True,
+                proj_drop=dropout,
+                attn_drop=dropout,
+                drop_path=rate,
+                norm_layer=nn.LayerNorm,
+            )
+            for rate in rates
+        )
         self.decoder_norm = nn.LayerNorm(d)
         self.proj_patch = nn.Linear(d, d, bias=False)
         self.proj_classes = nn.Linear(d, d, bias=False)

@@ -10,5 +10,13 @@ from dtop.models.policies.dovit import DoViT
 from dtop.models.policies.dtop import CONTEXT_POLICIES, DToP, topk_per_group
 from dtop.models.policies.recorded import RecordedDecisions, random_keep_masks
 
-__all__ = ["CONTEXT_POLICIES", "Decision", "DoViT", "DToP", "Policy", "RecordedDecisions", "random_keep_masks",
-           "topk_per_group"]
+__all__ = [
+    "CONTEXT_POLICIES",
+    "Decision",
+    "DoViT",
+    "DToP",
+    "Policy",
+    "RecordedDecisions",
+    "random_keep_masks",
+    "topk_per_group",
+]

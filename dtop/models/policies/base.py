@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import Tensor, nn
 
@@ -47,8 +47,9 @@ class Policy(nn.Module):
         every token of a batch exits early. Distributed training must know (SyncBatchNorm would hang)."""
         return False
 
-    def stage_end(self, stage: int, num_aux: int, stream: TokenStream, head: SegHead,
-                  state: RunState) -> Decision:  # pragma: no cover - interface
+    def stage_end(
+        self, stage: int, num_aux: int, stream: TokenStream, head: SegHead, state: RunState
+    ) -> Decision:  # pragma: no cover - interface
         """Grade the stream with the stage's aux head; return (stream, keep mask or None, extra tokens).
 
         Everything here stays on the device with data-independent shapes (see :mod:`dtop.models.state`);
@@ -56,8 +57,9 @@ class Policy(nn.Module):
         """
         raise NotImplementedError
 
-    def finish(self, stream: TokenStream, head: SegHead, norm: nn.Module,
-               state: RunState) -> None:  # pragma: no cover - interface
+    def finish(
+        self, stream: TokenStream, head: SegHead, norm: nn.Module, state: RunState
+    ) -> None:  # pragma: no cover - interface
         """Run the decode head: fill ``state.canvas`` and ``state.presence`` / ``state.features``."""
         raise NotImplementedError
 

@@ -10,7 +10,7 @@ reconstructed map.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -28,8 +28,13 @@ class DoViT(Policy):
     tokens no later layer will make confident); ``merge_cls``: Eq. 8 on or off.
     """
 
-    def __init__(self, threshold: float | Sequence[float] = 1.0, diff_conf: float | None = None,
-                 agg_rate: float = 0.1, merge_cls: bool = True) -> None:
+    def __init__(
+        self,
+        threshold: float | Sequence[float] = 1.0,
+        diff_conf: float | None = None,
+        agg_rate: float = 0.1,
+        merge_cls: bool = True,
+    ) -> None:
         super().__init__(threshold)
         if diff_conf is not None and not 0.0 <= diff_conf <= 1.0:
             raise ValueError(f"diff_conf must lie in [0, 1] or be null; got {diff_conf}.")
@@ -43,8 +48,7 @@ class DoViT(Policy):
     def graph_key(self) -> tuple:
         return super().graph_key() + (self.diff_conf, self.agg_rate, self.merge_cls)
 
-    def stage_end(self, stage: int, num_aux: int, stream: TokenStream, head: SegHead,
-                  state: RunState) -> Decision:
+    def stage_end(self, stage: int, num_aux: int, stream: TokenStream, head: SegHead, state: RunState) -> Decision:
         full = state.scatter_features(stream)  # reconstruction
         fs = state.full_stream(full)
         out = head(full, fs)

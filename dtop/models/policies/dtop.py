@@ -11,7 +11,7 @@ exits, whatever ξ).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -65,8 +65,9 @@ def graded_tokens(stream: TokenStream, head: SegHead) -> tuple[Tensor | None, To
 class DToP(Policy):
     """Early exit of easy tokens with per-class context."""
 
-    def __init__(self, threshold: float | Sequence[float] = 1.0, context: str = "topk", k: int = 5,
-                 ratio: float | Tensor = 0.25) -> None:
+    def __init__(
+        self, threshold: float | Sequence[float] = 1.0, context: str = "topk", k: int = 5, ratio: float | Tensor = 0.25
+    ) -> None:
         super().__init__(threshold)
         if context not in CONTEXT_POLICIES:
             raise ValueError(f"Unknown context policy {context!r}; choose one of {CONTEXT_POLICIES}.")
@@ -91,8 +92,7 @@ class DToP(Policy):
             return self.k < 1
         return True  # remove / average: everything confident enough leaves
 
-    def stage_end(self, stage: int, num_aux: int, stream: TokenStream, head: SegHead,
-                  state: RunState) -> Decision:
+    def stage_end(self, stage: int, num_aux: int, stream: TokenStream, head: SegHead, state: RunState) -> Decision:
         idx, ps = graded_tokens(stream, head)
         if ps.x.shape[0] == 0:  # every token has exited
             state.snapshot(state.canvas, None)
@@ -124,8 +124,9 @@ class DToP(Policy):
         """The easy tokens that leave, once the context rule kept some of them as context."""
         if self.context == "fixed_ratio":
             patch = ps.pos >= 0
-            n_patch = torch.zeros(ps.batch_size, dtype=torch.long, device=g.conf.device).index_add_(0, ps.batch,
-                                                                                                   patch.long())
+            n_patch = torch.zeros(ps.batch_size, dtype=torch.long, device=g.conf.device).index_add_(
+                0, ps.batch, patch.long()
+            )
             quota = (n_patch.double() * self.ratio).floor().long()
             group = torch.where(patch, ps.batch, ps.batch_size)
             return topk_per_group(group, g.conf, F.pad(quota, (0, 1)), ps.batch_size)
@@ -148,8 +149,9 @@ class DToP(Policy):
         G = ps.batch_size * K
         group = torch.where(g.easy, ps.batch * K + g.cls, torch.full_like(g.cls, G))
         sums = ps.x.new_zeros(G + 1, ps.x.shape[1]).index_add(0, group, ps.x)[:G]
-        counts = torch.zeros(G + 1, device=g.cls.device, dtype=ps.x.dtype).index_add_(0, group,
-                                                                                    torch.ones_like(ps.x[:, 0]))[:G]
+        counts = torch.zeros(G + 1, device=g.cls.device, dtype=ps.x.dtype).index_add_(
+            0, group, torch.ones_like(ps.x[:, 0])
+        )[:G]
         image = torch.arange(G, device=g.cls.device) // K
         return Extra(sums / counts.clamp(min=1)[:, None], image, counts > 0)
 

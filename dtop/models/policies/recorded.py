@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -27,7 +27,8 @@ class RecordedDecisions(DToP):
         """Replace the masks, in place where shapes and devices match (CUDA graphs read the old storage)."""
         keep = [k.bool() for k in keep]
         same = len(keep) == len(self.keep) and all(
-            k.shape == o.shape and k.device == o.device for k, o in zip(keep, self.keep))
+            k.shape == o.shape and k.device == o.device for k, o in zip(keep, self.keep)
+        )
         if same:
             for old, new in zip(self.keep, keep):
                 old.copy_(new)
@@ -49,8 +50,9 @@ class RecordedDecisions(DToP):
         return mask  # a phantom image borrows the last real row
 
 
-def random_keep_masks(batch: int, num_patches: int, keep: Sequence[float], spread: float,
-                      generator: torch.Generator | None = None) -> list[Tensor]:
+def random_keep_masks(
+    batch: int, num_patches: int, keep: Sequence[float], spread: float, generator: torch.Generator | None = None
+) -> list[Tensor]:
     """Nested random keep masks with per-image cumulative keep ratios ``keep[s] ± spread``."""
     masks, prev = [], torch.ones(batch, num_patches, dtype=torch.bool)
     scores = torch.rand(batch, num_patches, generator=generator)
