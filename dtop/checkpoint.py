@@ -21,11 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dtop.errors import CheckpointError
+
 KEY = "dtop"  # where a checkpoint keeps its config, the dtop version and the experiment name
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or does not fit the configured model."""
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -54,9 +52,9 @@ def run_config(ckpt: dict[str, Any]) -> dict[str, Any]:
     return info if isinstance(info, dict) else {}
 
 
-def describe(ckpt: dict[str, Any]) -> str:
-    """One line naming what a checkpoint was trained with, for error messages."""
-    info = run_config(ckpt)
+def describe_config(info: dict[str, Any]) -> str:
+    """One line naming an experiment and its model and data (a checkpoint's :func:`run_config`, or a
+    composed config's), for messages that set two of them side by side."""
     if not info:
         return "a checkpoint that does not record its config"
     model = info.get("model") or {}
@@ -72,13 +70,23 @@ def describe(ckpt: dict[str, Any]) -> str:
     )
 
 
+def describe(ckpt: dict[str, Any]) -> str:
+    """:func:`describe_config` of what a checkpoint was trained with."""
+    return describe_config(run_config(ckpt))
+
+
 def model_state(ckpt: dict[str, Any]) -> dict[str, Tensor]:
     """The segmentor's weights from a checkpoint of :class:`~dtop.lit.module.SegModule`."""
     return {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
 
 
 def check_fits(
-    model: nn.Module, state: dict[str, Tensor], path: str | Path, ckpt: dict[str, Any], skip_aux: bool = False
+    model: nn.Module,
+    state: dict[str, Tensor],
+    path: str | Path,
+    ckpt: dict[str, Any],
+    skip_aux: bool = False,
+    configured: str | None = None,
 ) -> list[str]:
     """Raise a :class:`CheckpointError` naming the checkpoint's config if ``state`` does not fit ``model``.
 
@@ -109,25 +117,31 @@ def check_fits(
             )
             if x
         ]
+        mine = f" ({configured})" if configured else ""
         raise CheckpointError(
-            f"{path} does not fit the configured model: {'; '.join(parts)}. The checkpoint was trained with "
-            f"{describe(ckpt)}. Evaluate it with its own config (leave out experiment=/model overrides) or "
-            "compose the same experiment as at training (the run's .hydra/overrides.yaml)."
+            f"{path} does not fit the configured model{mine}: {'; '.join(parts)}. The checkpoint was trained with "
+            f"{describe(ckpt)}. Leave out experiment= and model= so that its own config is used, or compose "
+            "the experiment it was trained with."
         )
     return skipped
 
 
 def load_model_weights(
-    model: nn.Module, path: str | Path, skip_aux: bool = False, ckpt: dict[str, Any] | None = None
+    model: nn.Module,
+    path: str | Path,
+    skip_aux: bool = False,
+    ckpt: dict[str, Any] | None = None,
+    configured: str | None = None,
 ) -> list[str]:
     """Load a checkpoint's segmentor weights into ``model``; with ``skip_aux``, aux heads may differ.
 
     A distillation teacher and a fine-tuning start only need the backbone and decode head: their aux
     heads (e.g. DoViT's at other layers than the dense model's) start fresh. Returns the skipped keys.
+    ``configured`` describes the composed config, for the error when the two do not fit.
     """
     ckpt = read_checkpoint(path) if ckpt is None else ckpt
     state = model_state(ckpt)
-    skipped = check_fits(model, state, path, ckpt, skip_aux)
+    skipped = check_fits(model, state, path, ckpt, skip_aux, configured)
     model.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=not skipped)
     return skipped
 
@@ -142,6 +156,9 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as open() would have made it (mkstemp makes it private)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

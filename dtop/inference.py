@@ -14,7 +14,7 @@ from torch import Tensor
 
 from dtop.ops.resize import resize_bilinear
 
-__all__ = ["resize_logits", "slide_inference", "slide_windows"]
+__all__ = ["resize_logits", "slide_inference", "slide_windows", "stitch_exit_maps"]
 
 
 def resize_logits(logits: Tensor, size: Sequence[int]) -> Tensor:
@@ -88,3 +88,22 @@ def slide_inference(
         logits[:, :, y1:y2, x1:x2] += out.float()
         count[:, :, y1:y2, x1:x2] += 1
     return logits / count
+
+
+def stitch_exit_maps(
+    maps: Sequence[Tensor], windows: Sequence[tuple[int, int, int, int]], size: Sequence[int], patch: int
+) -> Tensor:
+    """One token-grid exit map [B, ceil(H/p), ceil(W/p)] of a slide-inferred image from its windows' maps.
+
+    Each window's map [B, h, w] covers its pixels ``patch`` × ``patch`` per token; a pixel takes the
+    stage of the last window over it (windows in :func:`slide_windows` order), and each output token
+    the stage at its centre pixel, so the map reads like a whole-image one.
+    """
+    height, width = int(size[0]), int(size[1])
+    pixels = maps[0].new_zeros(maps[0].shape[0], height, width)
+    for grid, (y1, y2, x1, x2) in zip(maps, windows, strict=True):
+        up = grid.repeat_interleave(patch, 1).repeat_interleave(patch, 2)
+        pixels[:, y1:y2, x1:x2] = up[:, : y2 - y1, : x2 - x1]
+    ys = (torch.arange(0, height, patch) + patch // 2).clamp(max=height - 1)
+    xs = (torch.arange(0, width, patch) + patch // 2).clamp(max=width - 1)
+    return pixels[:, ys][:, :, xs]

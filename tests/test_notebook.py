@@ -81,7 +81,7 @@ def test_notebook_runs_on_a_tiny_default_run(tmp_path, monkeypatch):
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert str(run) in text and "exit maps shown" in text and "No sweep dir" not in text
-    assert "per_image.parquet (all images)" in text  # exit stage per class from the parquet's exits_s*_c* columns
+    assert "per_image.parquet (all images)" in text  # exit stage per class from the parquet's exits_s*.<class> columns
     figures = [o for o in outputs if "image/png" in o.get("data", {})]
     # tokens per stage, GMACs, exit stage per class, 2 exit maps, the sweep curve
     assert len(figures) >= 6

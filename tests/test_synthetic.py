@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dtop.data.base import IMAGENET_MEAN, IMAGENET_STD, EpochSeededRandomSampler, seg_collate
+from dtop.data.base import IMAGENET_MEAN, IMAGENET_STD, seg_collate
+from dtop.data.sampler import EpochSeededRandomSampler
 from dtop.data.synthetic import CLASS_NAMES, PALETTE, ROAD, SKY, SyntheticDataModule, SyntheticSegDataset
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
@@ -151,7 +152,9 @@ def test_seeded_order_reproducible_and_resumable() -> None:
 def test_epoch_sampler_is_a_permutation() -> None:
     sampler = EpochSeededRandomSampler(10, seed=0)
     sampler.set_epoch(5)
-    assert len(sampler) == 10 and sorted(sampler) == list(range(10))
+    assert len(sampler) == 10 and sorted(i for i, _ in sampler) == list(range(10))
+    seeds = [seed for _, seed in sampler]
+    assert len(set(seeds)) == 10 and seeds == [seed for _, seed in sampler]  # a fixed seed per position
 
 
 def test_collate_rejects_variable_sizes() -> None:

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dtop.checkpoint import load_model_weights
-from dtop.cli.common import CONFIG_PATH
+from dtop.cli.common import CONFIG_PATH, cli, describe_cfg, json_safe, use_checkpoint_config, write_json
 from dtop.losses import cross_entropy
 from dtop.models.engine import Segmentor, SegOutput
 from dtop.models.graphs import GraphedSegmentor
@@ -123,7 +123,7 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     model: Segmentor = instantiate(cfg.model).to(device)
     real = None
     if cfg.ckpt_path:
-        load_model_weights(model, cfg.ckpt_path)
+        load_model_weights(model, cfg.ckpt_path, configured=describe_cfg(cfg))
         real = _real_images(cfg, B, size)
     else:
         p = model.backbone.patch_size
@@ -310,13 +310,18 @@ def print_result(result: dict[str, Any]) -> None:
     Console().print(table)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="bench")
-def main(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> dict[str, Any]:
+    use_checkpoint_config(cfg)
     result = bench(cfg)
     print_result(result)
-    out = Path(cfg.paths.output_dir) / "bench.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result))
+    write_json(Path(cfg.paths.output_dir) / "bench.json", result)
+    print(json.dumps(json_safe(result), allow_nan=False))
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="bench")
+def main(cfg: DictConfig) -> None:
+    cli(run)(cfg)
 
 
 if __name__ == "__main__":

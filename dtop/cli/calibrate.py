@@ -37,7 +37,16 @@ from rich.table import Table
 from torch.utils.data import DataLoader, Subset
 
 from dtop.checkpoint import load_model_weights
-from dtop.cli.common import CONFIG_PATH, build, log, make_trainer, print_config_tree
+from dtop.cli.common import (
+    CONFIG_PATH,
+    build,
+    cli,
+    describe_cfg,
+    log,
+    make_trainer,
+    print_config_tree,
+    use_checkpoint_config,
+)
 from dtop.data.base import seg_collate
 
 # ------------------------------------------------------------------------- sweep objective
@@ -159,7 +168,7 @@ def run_calibration(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     dm, module = build(cfg)
     if cfg.get("ckpt_path"):
-        load_model_weights(module.model, cfg.ckpt_path)
+        load_model_weights(module.model, cfg.ckpt_path, configured=describe_cfg(cfg))
     loader = calibration_loader(dm, c.get("max_images"), c.get("subset_seed"))
     trainer = make_trainer(cfg, logger=False, enable_model_summary=False, enable_progress_bar=False)
     policy = module.model.pruning
@@ -268,10 +277,15 @@ def print_table(table: pd.DataFrame, result: dict[str, Any]) -> None:
             )
 
 
+def calibrate(cfg: DictConfig) -> dict[str, Any]:
+    use_checkpoint_config(cfg)
+    print_config_tree(cfg, cfg.paths.output_dir)
+    return run_calibration(cfg)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="calibrate")
 def main(cfg: DictConfig) -> Any:
-    print_config_tree(cfg, cfg.paths.output_dir)
-    return run_calibration(cfg)["chosen_threshold"]
+    return cli(calibrate)(cfg)["chosen_threshold"]
 
 
 if __name__ == "__main__":

@@ -1,27 +1,177 @@
-"""What every Hydra entry point shares: building objects, running an evaluation, writing results."""
+"""What every Hydra entry point shares: known errors, configs stored in checkpoints, building objects,
+running an evaluation, writing results."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
+import os
+import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import pandas as pd
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import InterpolationResolutionError
 from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
 
-from dtop.checkpoint import load_model_weights
+from dtop.checkpoint import describe_config, load_model_weights, read_checkpoint, run_config
 from dtop.data.base import SegDataModule
+from dtop.errors import ConfigError, DtopError
+from dtop.lit.checkpointing import AtomicCheckpointIO
 from dtop.lit.module import SegModule
 from dtop.models.engine import Segmentor
 
 log = logging.getLogger("dtop")
 CONFIG_PATH = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def _not_an_advert(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("💡")
+
+
+# Lightning's adverts for cloud services, and a deprecation inside Lightning itself, are noise in every run
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_an_advert)
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+STORED = ("model", "data", "module", "trainer")  # config groups every checkpoint carries
+
+
+# ------------------------------------------------------------------------------------------ known errors
+def known_error(err: BaseException) -> BaseException | None:
+    """The dtop error behind ``err`` (through Hydra's instantiation and DataLoader workers), else None.
+
+    A ``ValueError`` or ``TypeError`` raised while Hydra instantiates a config object is a config error.
+    """
+    seen: set[int] = set()
+    node: BaseException | None = err
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        if isinstance(node, (DtopError, FloatingPointError)):
+            return node
+        if isinstance(node, InstantiationException) and isinstance(node.__cause__, (ValueError, TypeError)):
+            target = str(node).split("\n", 1)[0].removesuffix(":")
+            key = next((line.split(":", 1)[1].strip() for line in str(node).splitlines() if "full_key" in line), "")
+            return known_error(node.__cause__) or ConfigError(f"{key or target}: {_message(node.__cause__)}")
+        node = node.__cause__ or node.__context__
+    return None
+
+
+def _message(err: BaseException) -> str:
+    """An error's own message (a DataLoader worker's re-raised error: the original's last line)."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
+def cli(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """A Hydra task that reports a known error as one message on stderr and exits with code 2.
+
+    The traceback is shown only with ``HYDRA_FULL_ERROR=1`` or ``DTOP_DEBUG=1``.
+    """
+
+    @functools.wraps(task)
+    def run(cfg: DictConfig) -> Any:
+        try:
+            return task(cfg)
+        except Exception as err:
+            known = known_error(err)
+            if known is None or os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("DTOP_DEBUG") == "1":
+                raise
+            print(f"\n{type(known).__name__}: {_message(known)}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    return run
+
+
+# ------------------------------------------------------------------------------ configs in checkpoints
+def task_overrides() -> list[str]:
+    """The command line's overrides of this job (empty outside a Hydra app)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def experiment_name() -> str | None:
+    return HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None
+
+
+def make_run_config(cfg: DictConfig) -> dict[str, Any]:
+    """What every checkpoint of this run stores: the resolved model, data, module and trainer configs,
+    the experiment and the command line's overrides (:mod:`dtop.checkpoint`)."""
+    out: dict[str, Any] = {"experiment": cfg.get("experiment_name") or experiment_name(), "overrides": task_overrides()}
+    for key in STORED:
+        if key in cfg:
+            out[key] = _resolved(cfg[key])
+    return out
+
+
+def _resolved(node: DictConfig) -> dict[str, Any]:
+    """``node`` as a plain dict, each entry resolved where it can be (the run dir is not known outside a
+    Hydra app, e.g. in a notebook: such entries are left out)."""
+    out: dict[str, Any] = {}
+    for key in node:
+        try:
+            value = node[key]
+            out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        except InterpolationResolutionError:
+            continue
+    return out
+
+
+def _explicit(overrides: list[str], groups: tuple[str, ...]) -> list[str]:
+    """The overrides that choose a config group or experiment (``experiment=x``, ``model=y``)."""
+    return [o for o in overrides if o.lstrip("+~").split("=", 1)[0] in ("experiment", *groups)]
+
+
+def use_checkpoint_config(cfg: DictConfig, groups: tuple[str, ...] = ("model", "data")) -> dict[str, Any] | None:
+    """Take ``groups`` of the config from ``cfg.ckpt_path``'s checkpoint, unless the command line chose them.
+
+    A checkpoint is self-describing: ``dtop-eval ckpt_path=X`` needs no ``experiment=``. Key overrides
+    (``model.pruning.threshold=0.9``, ``data.root=...``) still apply on top. Returns the checkpoint (read
+    once), or None without ``ckpt_path``. With an explicit ``experiment=``/group choice the composed
+    config is kept and loading checks that it fits (one error naming both configs if not).
+    """
+    path = cfg.get("ckpt_path")
+    if not path:
+        return None
+    ckpt = read_checkpoint(path)
+    stored = run_config(ckpt)
+    overrides = task_overrides()
+    if not stored or _explicit(overrides, groups):
+        return ckpt
+    with open_dict(cfg):
+        for key in groups:
+            if key in stored:
+                cfg[key] = OmegaConf.create(stored[key])
+        for override in OverridesParser.create().parse_overrides(overrides):
+            key = override.key_or_group
+            if key.split(".", 1)[0] in groups and "." in key and not override.is_delete():
+                OmegaConf.update(cfg, key, override.value(), force_add=True)
+        cfg["experiment_name"] = stored.get("experiment")
+    log.info("Using the config %s was trained with: %s", path, describe_config(stored))
+    return ckpt
+
+
+def describe_cfg(cfg: DictConfig) -> str:
+    """:func:`~dtop.checkpoint.describe_config` of a composed config."""
+    return describe_config(
+        {
+            "experiment": cfg.get("experiment_name") or experiment_name(),
+            **{k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "data") if k in cfg},
+        }
+    )
 
 
 def print_config_tree(cfg: DictConfig, save_dir: str | Path | None = None) -> None:
@@ -53,16 +203,27 @@ def build(cfg: DictConfig) -> tuple[SegDataModule, SegModule]:
         crop_size=dm.crop_size,
         stride=dm.stride,
         class_names=list(dm.class_names),
+        seed=int(cfg.get("seed", 0)),
+        run_config=make_run_config(cfg),
     )
     return dm, module
 
 
 def make_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
+    """The configured Trainer, its checkpoints written atomically. A GPU trainer on a machine without one
+    falls back to the CPU in fp32, with a warning."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None and "_target_" in c]
     if not loggers:  # nothing to log the learning rate to: Lightning would refuse the monitor
         callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
-    kwargs: dict[str, Any] = {"callbacks": callbacks, "logger": loggers or False}
+    kwargs: dict[str, Any] = {"callbacks": callbacks, "logger": loggers or False, "plugins": [AtomicCheckpointIO()]}
+    if cfg.trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+        log.warning(
+            "trainer.accelerator=%s but no CUDA device is visible: running on the CPU in fp32 (slow). "
+            "Add trainer=default to choose the CPU yourself.",
+            cfg.trainer.accelerator,
+        )
+        kwargs.update(accelerator="cpu", devices=1, precision="32-true", strategy="auto", sync_batchnorm=False)
     kwargs.update(overrides)
     return instantiate(cfg.trainer, **kwargs)
 
@@ -78,7 +239,7 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Evaluate pruned (and dense) after loading ``ckpt_path``; write metrics.json and per_image.parquet."""
     if ckpt_path:
-        load_model_weights(module.model, ckpt_path)
+        load_model_weights(module.model, ckpt_path, configured=describe_cfg(cfg))
     metrics, table = evaluate(trainer, module, dm)
     out_dir = Path(cfg.paths.output_dir)
     # Under DDP every rank holds the same gathered table and metrics (dtop.lit.distributed); rank 0 writes them.
@@ -91,20 +252,42 @@ def evaluate_checkpoint(
             dense, dense_table = evaluate(trainer, module, dm)
         if writer:
             dense_table.to_parquet(out_dir / "per_image_dense.parquet", index=False)
-        metrics["dense"] = {k: dense[k] for k in ("mIoU", "aAcc", "mAcc", "gmacs", "gmacs_linear")}
+        metrics["dense"] = {
+            k: dense[k]
+            for k in (
+                "mIoU",
+                "aAcc",
+                "mAcc",
+                "gmacs",
+                "gmacs_linear",
+                "gmacs_per_crop",
+                "gmacs_linear_per_crop",
+                "per_class",
+            )
+        }
     metrics["checkpoint"] = ckpt_path
     if writer:
         write_metrics(out_dir, metrics, cfg)
     return metrics
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float as None: valid JSON (``NaN`` is not)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: Path, payload: Any) -> None:
+    path.write_text(json.dumps(json_safe(payload), indent=2, default=str, allow_nan=False))
+
+
 def write_metrics(out_dir: Path, metrics: dict[str, Any], cfg: DictConfig) -> None:
-    payload = {k: v for k, v in metrics.items() if k not in ("IoU", "Acc")}
-    for key in ("IoU", "Acc"):
-        if key in metrics:
-            payload[f"per_class_{key}"] = metrics[key]
-    payload["config"] = OmegaConf.to_container(cfg, resolve=True)
-    (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2, default=str))
+    write_json(out_dir / "metrics.json", {**metrics, "config": OmegaConf.to_container(cfg, resolve=True)})
 
 
 def print_summary(metrics: dict[str, Any], title: str = "dtop") -> None:

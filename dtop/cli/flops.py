@@ -15,7 +15,7 @@ from omegaconf import DictConfig, open_dict
 from rich.console import Console
 from rich.table import Table
 
-from dtop.cli.common import CONFIG_PATH, build, evaluate_checkpoint, make_trainer
+from dtop.cli.common import CONFIG_PATH, build, cli, evaluate_checkpoint, make_trainer
 from dtop.models.engine import Segmentor
 
 
@@ -76,7 +76,7 @@ def flops(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="flops")
 def main(cfg: DictConfig) -> None:
-    flops(cfg)
+    cli(flops)(cfg)
 
 
 if __name__ == "__main__":

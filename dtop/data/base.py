@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dtop.data.sampler import EpochSeededRandomSampler, eval_sampler
+from dtop.data.sampler import EpochSeededRandomSampler, ResumableDataLoader, SeededSamples, eval_sampler, ignore_sigint
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SegDataModule", "seg_collate"]
 
@@ -113,16 +113,24 @@ class SegDataModule(L.LightningDataModule):
         if self.eval_mode == "slide" and (self.crop_size is None or self.stride is None):
             raise ValueError("eval_mode='slide' requires crop_size and stride")
 
-    def _loader(self, dataset: Dataset | None, stage: str, **kwargs: Any) -> DataLoader:
+    def check(self, stage: str | None = None) -> None:
+        """Set up the splits ``stage`` needs and raise :class:`~dtop.errors.DatasetLayoutError` on what can be
+        found wrong before a run starts (on-disk datasets check files, sizes and a sample of labels)."""
+        self.setup(stage)
+
+    def _loader(
+        self, dataset: Dataset | None, stage: str, loader: type[DataLoader] = DataLoader, **kwargs: Any
+    ) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: no {stage} dataset; call setup() first")
         self.validate_metadata()
-        return DataLoader(
+        return loader(
             dataset,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
             collate_fn=seg_collate,
+            worker_init_fn=ignore_sigint if self.num_workers > 0 else None,
             **kwargs,
         )
 
@@ -136,7 +144,14 @@ class SegDataModule(L.LightningDataModule):
                 "with drop_last=True an epoch would contain no batch"
             )
         sampler = EpochSeededRandomSampler(num_samples, self.seed)
-        return self._loader(self.train_dataset, "train", batch_size=self.batch_size, sampler=sampler, drop_last=True)
+        return self._loader(
+            SeededSamples(self.train_dataset),
+            "train",
+            ResumableDataLoader,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=True,
+        )
 
     # Under DDP the eval loaders shard without padding (each image on exactly one rank, in whole single-device
     # batches): see dtop.data.sampler. On one device the sampler is None, i.e. sequential.

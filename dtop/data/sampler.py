@@ -1,4 +1,4 @@
-"""Samplers: a resumable random training order, and exact (non-padding) evaluation sharding under DDP.
+"""Samplers and loaders: a resumable, seeded training order, and exact (non-padding) evaluation under DDP.
 
 Under DDP Lightning would give an eval loader a ``DistributedSampler``, which pads the dataset to a
 multiple of the world size by repeating images: the repeats would be counted twice in the summed
@@ -12,11 +12,13 @@ the gathered rows can be put back into dataset order (:mod:`dtop.lit.distributed
 from __future__ import annotations
 
 import math
+import signal
 from collections.abc import Iterator, Sized
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 def dist_rank_world() -> tuple[int, int]:
@@ -90,30 +92,96 @@ def eval_sampler(dataset: Sized | None, batch_size: int) -> EvalDistributedSampl
     return EvalDistributedSampler(dataset, batch_size, world, rank)
 
 
-class EpochSeededRandomSampler(Sampler[int]):
-    """Random permutation that depends only on ``(seed, epoch)``.
+class EpochSeededRandomSampler(DistributedSampler):
+    """A random order, and a seed for each sample's augmentations, that depend only on ``(seed, epoch)``.
 
-    Lightning calls ``set_epoch`` on the train sampler at the start of every epoch (also
-    after resuming from a checkpoint, with the restored epoch), so the data order of epoch
-    ``e`` is the same whether or not the run was interrupted. A plain ``RandomSampler``
-    with a seeded generator would instead restart from the epoch-0 order after a resume,
-    because the generator's state is not checkpointed.
+    Yields ``(index, sample seed)``; :class:`SeededSamples` draws the sample's augmentations from its
+    seed, so which image a step sees and how it is augmented are pure functions of the run's seed,
+    the epoch and the position in it: the same with any number of workers, and the same after a
+    resume. Lightning calls ``set_epoch`` at every epoch start (after a resume too); ``start`` skips
+    the first positions of this rank's epoch (:class:`ResumableDataLoader` sets it when resuming).
+
+    Under DDP rank ``r`` of ``w`` takes positions ``r, r + w, ...`` of the epoch's order (the tail that
+    does not fill every rank is dropped); a ``DistributedSampler``, so Lightning does not wrap it.
     """
 
-    def __init__(self, num_samples: int, seed: int) -> None:
+    def __init__(self, num_samples: int, seed: int, num_replicas: int | None = None, rank: int | None = None) -> None:
         if num_samples < 1:
             raise ValueError(f"cannot sample from an empty dataset (num_samples={num_samples})")
-        self.num_samples = num_samples
-        self.seed = seed
-        self.epoch = 0
+        r, w = dist_rank_world()
+        num_replicas = w if num_replicas is None else num_replicas
+        rank = r if rank is None else rank
+        super().__init__(
+            range(num_samples), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+        self.total = num_samples
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator()
-        g.manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=g).tolist())
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.total, generator=g)
+        seeds = torch.randint(0, 2**62, (self.total,), generator=g)
+        mine = slice(self.rank, self.num_samples * self.num_replicas, self.num_replicas)
+        order, seeds = order[mine], seeds[mine]
+        start, self.start = self.start, 0
+        return iter(zip(order[start:].tolist(), seeds[start:].tolist()))
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class SeededSamples(Dataset):
+    """``dataset[index]`` computed with torch's CPU RNG seeded by the sample seed a key carries.
+
+    Keys are ``(index, seed)`` (from :class:`EpochSeededRandomSampler`) or plain indices (left as they
+    are). The caller's RNG state is restored afterwards.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> Any:
+        if not isinstance(key, tuple):
+            return self.dataset[key]
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            return self.dataset[index]
+
+
+class ResumableDataLoader(DataLoader):
+    """A training loader whose position in the epoch is part of the checkpoint.
+
+    Lightning saves ``state_dict()`` with the fit loop and hands it back to ``load_state_dict`` when a
+    run resumes (its stateful-loader protocol); the next epoch iteration then starts at the batch the
+    interrupted run would have taken next. Needs an :class:`EpochSeededRandomSampler`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.sampler, EpochSeededRandomSampler) or self.batch_size is None:
+            raise TypeError("ResumableDataLoader needs an EpochSeededRandomSampler and a batch_size.")
+        self._batches = 0  # batches handed out in the current epoch
+        self._resume_at = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        self._batches, self._resume_at = self._resume_at, 0
+        self.sampler.start = self._batches * self.batch_size
+        for batch in super().__iter__():
+            self._batches += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches": self._batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.set_epoch(int(state["epoch"]))
+        self._resume_at = int(state["batches"])
+
+
+def ignore_sigint(worker_id: int) -> None:
+    """Data workers leave Ctrl-C to the main process, which stops between steps and saves a checkpoint."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -85,7 +85,7 @@ class ResumeCheckpoint(Checkpoint):
     # ---------------------------------------------------------------------------------------- saving
     def save(self, trainer: L.Trainer, reason: str) -> None:
         """Write the checkpoint (every rank calls; rank 0 writes) and say where it is."""
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)
         self._saved_step, self._last_time = trainer.global_step, time.monotonic()
         if trainer.is_global_zero:
             log.info("Saved a resumable checkpoint (%s, step %d): %s", reason, trainer.global_step, self.path)

@@ -10,13 +10,15 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from dtop.checkpoint import KEY as CHECKPOINT_KEY
 from dtop.checkpoint import load_model_weights
-from dtop.inference import resize_logits, slide_inference
+from dtop.inference import resize_logits, slide_inference, slide_windows, stitch_exit_maps
 from dtop.lit.distributed import eval_loader_sampler, gather_eval_rows, gather_eval_visuals
 from dtop.losses import feature_mse, kl_distillation
 from dtop.metrics import SegMetrics, format_metrics
 from dtop.models.engine import Segmentor, SegOutput
 from dtop.models.graphs import GraphedSegmentor
+from dtop.version import dtop_version
 
 
 class SegModule(L.LightningModule):
@@ -48,9 +50,12 @@ class SegModule(L.LightningModule):
         stride: tuple[int, int] | None = None,
         class_names: list[str] | None = None,
         cuda_graphs: bool = False,
+        seed: int = 0,
+        run_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model"])
+        self.save_hyperparameters(ignore=["model", "run_config"])
+        self.run_config = dict(run_config or {})  # stored in every checkpoint (dtop.checkpoint)
         if trainable not in ("all", "heads"):
             raise ValueError(f"trainable must be 'all' or 'heads', got {trainable!r}.")
         if eval_mode not in ("whole", "slide"):
@@ -85,6 +90,17 @@ class SegModule(L.LightningModule):
     def on_fit_start(self) -> None:
         for teacher in self._teacher:
             teacher.to(self.device)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Seed the step's own randomness (dropout, stochastic depth) from the seed, the step and the rank.
+
+        Why: a resumed run then draws exactly what the uninterrupted one drew, whatever ran in between
+        (validation, a restart); the data's randomness is seeded per sample (dtop.data.sampler).
+        """
+        torch.manual_seed(((self.hparams.seed * 1_000_003 + self.global_step) * 4099 + self.global_rank) % 2**63)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {"version": dtop_version(), **self.run_config}
 
     def _loss(self, out: SegOutput, target: Tensor, images: Tensor) -> dict[str, Tensor]:
         hp = self.hparams
@@ -192,10 +208,15 @@ class SegModule(L.LightningModule):
         if whole and tuple(images.shape[-2:]) == size:  # labels straight from the token grid, no score maps
             labels, out = self._inference.segment(images)
             collect(images, out)
-            return labels, collected[0]
+            return labels, {**collected[0], "windows": torch.ones_like(out.stats["macs"])}
         if whole:
-            return resize_logits(forward(images), size).argmax(1), collected[0]
-        scores = slide_inference(forward, images, self.model.num_classes, tuple(hp.crop_size), tuple(hp.stride))
+            out = forward(images)
+            return resize_logits(out, size).argmax(1), {
+                **collected[0],
+                "windows": torch.ones_like(collected[0]["macs"]),
+            }
+        crop, stride = tuple(hp.crop_size), tuple(hp.stride)
+        scores = slide_inference(forward, images, self.model.num_classes, crop, stride)
         keys = (
             "tokens_per_stage",
             "exits_per_stage",
@@ -206,6 +227,11 @@ class SegModule(L.LightningModule):
             "macs_linear_dense",
         )
         stats = {k: torch.stack([c[k] for c in collected]).sum(0) for k in keys}
+        stats["windows"] = torch.full_like(stats["macs"], len(collected))
+        windows = slide_windows(*images.shape[-2:], crop, stride)
+        stats["exit_stage"] = stitch_exit_maps(
+            [c["exit_stage"] for c in collected], windows, images.shape[-2:], self.model.backbone.patch_size
+        )
         return resize_logits(scores, size).argmax(1), stats
 
     def _eval_step(self, batch: dict[str, Any], metrics: SegMetrics) -> None:
@@ -216,30 +242,39 @@ class SegModule(L.LightningModule):
         correct = ((pred == target) & valid).flatten(1).sum(1).float()
         pix_acc = (100 * correct / valid.flatten(1).sum(1).clamp(min=1)).tolist()
         for i in range(min(len(batch["id"]), self.max_visuals - len(self.visuals))):
-            if "exit_stage" in stats:
-                self.visuals.append(
-                    {
-                        "id": batch["id"][i],
-                        "image": images[i].detach().float().cpu(),
-                        "label": target[i].cpu(),
-                        "pred": pred[i].cpu(),
-                        "exit_stage": stats["exit_stage"][i].cpu(),
-                    }
-                )
+            shown = images.shape[-2:]  # the exit map covers the model's input: show prediction and labels there
+            self.visuals.append(
+                {
+                    "id": batch["id"][i],
+                    "image": images[i].detach().float().cpu(),
+                    "label": _nearest(target[i], shown).cpu(),
+                    "pred": _nearest(pred[i], shown).cpu(),
+                    "exit_stage": stats["exit_stage"][i].cpu(),
+                }
+            )
         tokens = stats["tokens_per_stage"].tolist()
         exits = stats["exits_per_stage"].tolist()
         per_class = stats["exits_per_class"].tolist()
+        windows = stats["windows"].tolist()
         gm = {k: (stats[f"macs{k}"] / 1e9).tolist() for k in ("", "_linear", "_dense", "_linear_dense")}
+        names = self.class_names
         for i, image_id in enumerate(batch["id"]):
             row: dict[str, Any] = {
                 "image_id": image_id,
                 **{f"gmacs{k}": v[i] for k, v in gm.items()},
+                "windows": int(windows[i]),
                 "pixel_acc": pix_acc[i],
             }
             row.update({f"tokens_s{s}": t for s, t in enumerate(tokens[i])})
             row.update({f"exits_s{s}": e for s, e in enumerate(exits[i])})
-            row.update({f"exits_s{s}_c{c}": n for s, per in enumerate(per_class[i]) for c, n in enumerate(per)})
+            row.update({f"exits_s{s}.{names[c]}": n for s, per in enumerate(per_class[i]) for c, n in enumerate(per)})
             self.per_image.append(row)
+
+    @property
+    def class_names(self) -> list[str]:
+        """The data's class names (ids as strings where the data module gave none)."""
+        names = self.hparams.get("class_names")
+        return list(names) if names else [str(k) for k in range(self.model.num_classes)]
 
     @property
     def _inference(self) -> Segmentor | GraphedSegmentor:
@@ -271,8 +306,14 @@ class SegModule(L.LightningModule):
         # Under DDP (see dtop.lit.distributed) compute() sums every rank's confusion matrix, and the rows and
         # visuals of every rank are gathered, each image once and in dataset order: every rank then holds the
         # single-device result.
-        result = format_metrics(metrics.compute())
+        computed = metrics.compute()
         metrics.reset()
+        result: dict[str, Any] = format_metrics(computed)
+        per_class = {key: dict(zip(self.class_names, computed[key].tolist(), strict=True)) for key in ("IoU", "Acc")}
+        result["per_class"] = {
+            key: {name: round(v, 2) if math.isfinite(v) else None for name, v in values.items()}
+            for key, values in per_class.items()
+        }
         sampler = eval_loader_sampler(self._trainer, prefix)
         self.per_image = gather_eval_rows(self.per_image, sampler)
         self.visuals = gather_eval_visuals(self.visuals, sampler, self.max_visuals)
@@ -280,20 +321,39 @@ class SegModule(L.LightningModule):
         result.update(summary)
         self.last_eval = result
         scalars = {f"{prefix}/{k}": float(v) for k, v in result.items() if isinstance(v, (int, float))}
+        scalars.update(
+            {
+                f"{prefix}/{key}.{name}": v
+                for key, values in result["per_class"].items()
+                for name, v in values.items()
+                if v is not None
+            }
+        )
         # already global and equal on every rank: no reduce (it would only add rounding); not rank_zero_only,
         # so ModelCheckpoint sees val/mIoU on every rank. Loggers write from rank 0 only.
         self.log_dict(scalars, sync_dist=False)
 
 
 def summarize_per_image(rows: list[dict[str, Any]], num_stages: int) -> dict[str, Any]:
-    """Mean GMACs, tokens and keep ratios over the evaluated images (plus the dense reference)."""
+    """Mean GMACs (per image, and per crop window as DToP reports them), tokens and keep ratios over the
+    evaluated images, and the same GMACs of the dense model."""
     if not rows:
         return {"images": 0}
     n = len(rows)
     tokens = [sum(r[f"tokens_s{s}"] for r in rows) / n for s in range(num_stages)]
     out: dict[str, Any] = {"images": n}
+    windows = sum(r.get("windows", 1) for r in rows)
     for key in ("gmacs", "gmacs_linear", "gmacs_dense", "gmacs_linear_dense"):
-        out[key] = round(sum(r[key] for r in rows) / n, 4)
+        total = sum(r[key] for r in rows)
+        out[key] = round(total / n, 4)  # per image: every slide window it took
+        out[f"{key}_per_crop"] = round(total / windows, 4)  # DToP's average per slide window
     out["tokens_per_stage"] = [round(t, 2) for t in tokens]
     out["keep_ratio_per_stage"] = [round(t / tokens[0], 4) if tokens[0] else math.nan for t in tokens]
     return out
+
+
+def _nearest(label: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+    """An integer map [H, W] resized to ``size`` by nearest neighbour (for drawing beside the input)."""
+    if tuple(label.shape[-2:]) == tuple(size):
+        return label
+    return torch.nn.functional.interpolate(label[None, None].float(), size=tuple(size), mode="nearest")[0, 0].long()

@@ -1,8 +1,11 @@
-"""The backbone: any timm plain ViT, built with dynamic image size and optional local weights."""
+"""The backbone: any timm plain ViT, built with dynamic image size and pretrained or local weights."""
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -11,9 +14,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-
-class WeightsError(RuntimeError):
-    """A weights file that is missing, unreadable or does not fit the backbone."""
+from dtop.errors import WeightsError
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
@@ -37,11 +38,67 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     return {k.removeprefix("backbone.").removeprefix("module."): v for k, v in state.items()}
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers at all (timm would otherwise retry for about a minute)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _pretrained_state(name: str, pretrained_cfg: dict[str, Any]) -> tuple[dict[str, Tensor], str]:
+    """The state dict of timm's pretrained weights for ``name`` (honouring ``pretrained_cfg_overlay``, e.g.
+    ``file=``), and where it came from; one :class:`WeightsError` that says what to do if unavailable."""
+    from timm.models._builder import _resolve_pretrained_source, load_state_dict_from_hf, load_state_dict_from_url
+
+    load_from, loc = _resolve_pretrained_source(pretrained_cfg)
+    tag = pretrained_cfg.get("tag") or "default"
+    advice = (
+        "Pass a local file of these weights as model.backbone.weights=<file> (or "
+        "+model.backbone.pretrained_cfg_overlay.file=<file>), or start from scratch with "
+        "model.backbone.pretrained=false."
+    )
+    if load_from == "file":
+        return _read_state_dict(Path(loc)), str(loc)
+    if load_from == "state_dict":
+        return dict(loc), "state_dict"
+    if load_from not in ("hf-hub", "url"):
+        raise WeightsError(f"timm has no pretrained weights for {name!r} (tag {tag!r}). {advice}")
+    where = loc if isinstance(loc, str) else "/".join(loc)
+    try:
+        if load_from == "hf-hub":
+            from huggingface_hub import try_to_load_from_cache
+
+            repo, filename = (loc, None) if isinstance(loc, str) else loc
+            cached = any(
+                isinstance(try_to_load_from_cache(repo, f), str)
+                for f in ([filename] if filename else ["model.safetensors", "pytorch_model.bin"])
+            )
+            if not cached and not _hub_reachable():
+                raise OSError("not in the local cache, and the Hugging Face hub is unreachable")
+            state = load_state_dict_from_hf(*([loc] if isinstance(loc, str) else loc))
+        else:
+            state = load_state_dict_from_url(loc, map_location="cpu")
+    except Exception as err:  # noqa: BLE001 - network, cache and format failures all mean the same here
+        raise WeightsError(
+            f"model.backbone.pretrained=true needs timm's {name!r} weights (tag {tag!r}) from {where}: "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. {advice}"
+        ) from err
+    return state, where
+
+
 class ViTBackbone(nn.Module):
     """A timm VisionTransformer whose blocks the pruning engine drives one by one.
 
     The model is created with ``dynamic_img_size=True`` so any input whose sides are multiples of
     the patch size works; the position embedding is resampled to the input grid on the fly.
+    ``pretrained`` loads timm's weights for ``name`` (tag and source from its ``pretrained_cfg``, which
+    ``pretrained_cfg_overlay`` may override, e.g. ``file=``) through the same loader as ``weights``, so
+    every backbone variant takes them (no cls token, another grid, registers): timm's own loader
+    cannot reshape a cls-token position embedding for a model without one.
     """
 
     def __init__(
@@ -56,7 +113,7 @@ class ViTBackbone(nn.Module):
         super().__init__()
         vit = timm.create_model(
             name,
-            pretrained=pretrained,
+            pretrained=False,
             num_classes=0,
             global_pool="",
             img_size=img_size,
@@ -74,6 +131,15 @@ class ViTBackbone(nn.Module):
         self.name = name
         if weights:
             self.load_weights(weights)
+        elif pretrained:
+            state, where = _pretrained_state(name, dict(vit.pretrained_cfg))
+            self.load_state(state, where)
+
+    @property
+    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The input normalisation these weights were trained with (timm's ``pretrained_cfg``)."""
+        cfg = self.vit.pretrained_cfg
+        return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
 
     @property
     def embed_dim(self) -> int:
@@ -108,9 +174,13 @@ class ViTBackbone(nn.Module):
         return self.vit.norm
 
     def load_weights(self, path: str | Path) -> None:
-        """Load a timm-format checkpoint, resampling ``pos_embed`` to this model's grid."""
-        path = Path(path)
-        state = _read_state_dict(path)
+        """Load a timm-format checkpoint file, resampling ``pos_embed`` to this model's grid."""
+        self.load_state(_read_state_dict(Path(path)), str(path))
+
+    def load_state(self, state: dict[str, Tensor], path: str) -> None:
+        """Load a timm-format state dict (from ``path``, for messages), resampling ``pos_embed`` to this
+        model's grid and dropping what this variant does not have (classifier, cls/register tokens)."""
+        state = {k.removeprefix("backbone.").removeprefix("module."): v for k, v in state.items()}
         own = self.vit.state_dict()
         if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
             state["pos_embed"] = self._fit_pos_embed(state["pos_embed"].float())

@@ -130,9 +130,19 @@ class FileListDataModule(SegDataModule, ABC):
         return SegFileDataset(self.list_split(split), self.num_classes, transform, self.lut, self.ignore_index)
 
     def setup(self, stage: str | None = None) -> None:
-        """Train split only when fitting, so evaluation works with only the val split on disk."""
-        if stage in (None, "fit"):
+        """Train split only when fitting, so evaluation works with only the val split on disk; a split
+        already listed is kept."""
+        if stage in (None, "fit") and self.train_dataset is None:
             self.train_dataset = self.make_dataset(self.train_split, self.train_transform)
-        self.val_dataset = self.make_dataset(self.val_split, self.eval_transform)
-        if self.test_split is not None and stage in (None, "test"):
+        if self.val_dataset is None:
+            self.val_dataset = self.make_dataset(self.val_split, self.eval_transform)
+        if self.test_split is not None and stage in (None, "test") and self.test_dataset is None:
             self.test_dataset = self.make_dataset(self.test_split, self.eval_transform)
+
+    def check(self, stage: str | None = None) -> None:
+        """List the splits ``stage`` needs and check them (:meth:`SegFileDataset.check`): every val/test
+        image against its label's size, and a sample of labels of each split."""
+        self.setup(stage)
+        for dataset in (self.train_dataset if stage in (None, "fit") else None, self.val_dataset, self.test_dataset):
+            if isinstance(dataset, SegFileDataset):
+                dataset.check(sizes=dataset is not self.train_dataset)

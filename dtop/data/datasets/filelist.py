@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from dtop.data.transforms import JointTransform
+from dtop.errors import DatasetLayoutError
 
 __all__ = [
     "DatasetLayoutError",
@@ -29,11 +30,6 @@ __all__ = [
 ]
 
 _16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-class DatasetLayoutError(ValueError):
-    """The files on disk do not match the layout a dataset expects (missing root, split or
-    unmatched image/label). The message names the expected layout and how to produce it."""
 
 
 class SampleFiles(NamedTuple):
@@ -53,7 +49,7 @@ def read_image(path: Path) -> np.ndarray:
         if img.mode in _16BIT_MODES:
             gray = np.asarray(img).astype(np.float64)
             if gray.max(initial=0) > 65535 or gray.min(initial=0) < 0:
-                raise ValueError(f"{path}: {img.mode} image with values outside 16 bit; cannot convert to RGB")
+                raise DatasetLayoutError(f"{path}: {img.mode} image with values outside 16 bit; cannot convert to RGB")
             gray8 = np.rint(gray / 257.0).astype(np.uint8)
             return np.repeat(gray8[:, :, None], 3, axis=2)
         return np.array(img.convert("RGB"))
@@ -63,14 +59,16 @@ def read_label(path: Path) -> np.ndarray:
     """Decode a single-channel index label (L, P indices, or 16-bit with values < 256) to uint8 ``[H, W]``."""
     with Image.open(path) as img:
         if img.mode not in ("L", "P", *_16BIT_MODES):
-            raise ValueError(
+            raise DatasetLayoutError(
                 f"{path}: label image has mode {img.mode!r}; expected a single-channel index PNG "
                 "(mode L or P), not a colour-coded label"
             )
         label = np.array(img)
     if label.dtype != np.uint8:
         if label.max(initial=0) > 255 or label.min(initial=0) < 0:
-            raise ValueError(f"{path}: label values outside 0..255 (max {label.max()}); expected 8-bit class ids")
+            raise DatasetLayoutError(
+                f"{path}: label values outside 0..255 (max {label.max()}); expected 8-bit class ids"
+            )
         label = label.astype(np.uint8)
     return label
 
@@ -128,6 +126,14 @@ def pair_files(
     return [SampleFiles(Path(key).name, images[key], labels[key]) for key in sorted(images)]
 
 
+def _check_sizes(files: SampleFiles, image: tuple[int, ...], label: tuple[int, ...]) -> None:
+    if tuple(image) != tuple(label):
+        raise DatasetLayoutError(
+            f"image {files.image} is {image[1]}x{image[0]} but label {files.label} is {label[1]}x{label[0]} (W x H): "
+            "each label must have its image's size"
+        )
+
+
 class SegFileDataset(Dataset[dict[str, Any]]):
     """Samples ``{"image", "label", "id"}`` from a list of image/label files.
 
@@ -159,21 +165,33 @@ class SegFileDataset(Dataset[dict[str, Any]]):
         """Decoded uint8 RGB image ``[H, W, 3]`` and mapped, validated label ``[H, W]``."""
         files = self.samples[index]
         image, label = read_image(files.image), read_label(files.label)
-        if image.shape[:2] != label.shape:
-            raise ValueError(
-                f"image {files.image} is {image.shape[1]}x{image.shape[0]} but label {files.label} "
-                f"is {label.shape[1]}x{label.shape[0]} (W x H)"
-            )
+        _check_sizes(files, image.shape[:2], label.shape)
+        return image, self.map_label(label, files.label)
+
+    def map_label(self, label: np.ndarray, path: Path) -> np.ndarray:
+        """``label`` through the lookup table, checked to hold classes or ``ignore_index`` only."""
         if self.lut is not None:
             label = self.lut[label]
         bad = (label >= self.num_classes) & (label != self.ignore_index)
         if bad.any():
-            raise ValueError(
-                f"{files.label}: label values {np.unique(label[bad]).tolist()} (after mapping) are outside "
+            raise DatasetLayoutError(
+                f"{path}: label values {np.unique(label[bad]).tolist()} (after mapping) are outside "
                 f"[0, {self.num_classes}) and not ignore_index={self.ignore_index}; wrong dataset, "
                 "unconverted labels or missing conversion script run?"
             )
-        return image, label
+        return label
+
+    def check(self, sizes: bool = True, labels: int = 32) -> None:
+        """Fail now, with the file named, on what would otherwise stop a run later: every image's size
+        against its label's (headers only, when ``sizes``), and the values of ``labels`` labels spread
+        over the split."""
+        if sizes:
+            for files in self.samples:
+                with Image.open(files.image) as img, Image.open(files.label) as lab:
+                    _check_sizes(files, img.size[::-1], lab.size[::-1])
+        step = max(1, len(self.samples) // max(labels, 1))
+        for files in self.samples[::step][:labels]:
+            self.map_label(read_label(files.label), files.label)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, label = self.load(index)

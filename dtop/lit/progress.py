@@ -1,0 +1,64 @@
+"""What a run prints while it trains: a progress bar for step-based training and a model summary that
+reports dtop's own GMACs (Lightning's FLOP counter does not see the pruning engine, and printed 0)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
+from rich import get_console
+from rich.table import Table
+
+
+class SegProgressBar(RichProgressBar):
+    """Rich progress bar whose training line reads ``step s/S · epoch e`` (dtop trains by steps)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        trainer = self.trainer
+        if trainer.max_steps and trainer.max_steps > 0:
+            text = f"step {trainer.global_step}/{trainer.max_steps} · epoch {current_epoch}"
+        else:
+            text = f"epoch {current_epoch}" + (f"/{trainer.max_epochs - 1}" if trainer.max_epochs else "")
+        return f"{text:{len(self.validation_description)}}"
+
+
+class SegModelSummary(RichModelSummary):
+    """Modules and parameters, and the dense model's analytic GMACs at the training input size."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        model = getattr(pl_module, "model", None)
+        dm = trainer.datamodule
+        size = getattr(dm, "crop_size", None) or getattr(dm, "image_size", None)
+        if trainer.is_global_zero and model is not None and size is not None:
+            macs, linear = (v / 1e9 for v in model.dense_macs(int(size[0]), int(size[1])))
+            get_console().print(
+                f"[bold]Dense GMACs per {size[0]}×{size[1]} input[/]: {macs:.4g} (all MACs), {linear:.4g} "
+                "(linear/conv only); pruned runs report theirs per image (dtop-flops for any size)"
+            )
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int,
+        **summarize_kwargs: Any,
+    ) -> None:
+        table = Table(header_style="bold magenta")
+        columns = dict(summary_data)
+        shown = [c for c in ("Name", "Type", "Params", "Mode") if c in columns]
+        table.add_column(" ", style="dim")
+        for name in shown:
+            table.add_column(name, justify="right" if name == "Params" else "left")
+        for row in zip(columns[" "], *(columns[c] for c in shown), strict=True):
+            table.add_row(*row)
+        console = get_console()
+        console.print(table)
+        console.print(
+            f"[bold]Parameters[/]: {trainable_parameters:,} trainable, "
+            f"{total_parameters - trainable_parameters:,} frozen ({model_size:.1f} MB)"
+        )
