@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dtop.errors import ConfigError
 from dtop.ops.cross_entropy import cross_entropy_sum
 from dtop.ops.resize import Upsampled
 
@@ -33,11 +34,24 @@ def cross_entropy(
 
 
 def kl_distillation(
-    student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None, ignore_index: int = 255
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor | None = None,
+    ignore_index: int = 255,
+    direction: str = "student_teacher",
 ) -> Tensor:
-    """Per-pixel KL(p_s ‖ p_t) averaged over pixels (DoViT Eq. 11); ignore pixels are excluded when given."""
+    """Per-pixel KL divergence between the class distributions of [B, K, H, W] maps, averaged over pixels.
+
+    ``direction``: "student_teacher" is KL(p_s ‖ p_t), the paper's Eq. 11; "teacher_student" is
+    KL(p_t ‖ p_s), what the official DoViT code computes (``F.kl_div(log p_s, p_t)``). Pixels labelled
+    ``ignore_index`` are left out when ``target`` is given (the official code averages over all).
+    """
+    if direction not in ("student_teacher", "teacher_student"):
+        raise ConfigError(f"KL direction must be 'student_teacher' or 'teacher_student'; got {direction!r}.")
     log_s = student_logits.float().log_softmax(1)
     log_t = teacher_logits.float().log_softmax(1)
+    if direction == "teacher_student":
+        log_s, log_t = log_t, log_s
     kl = (log_s.exp() * (log_s - log_t)).sum(1)
     if target is not None:
         valid = target != ignore_index

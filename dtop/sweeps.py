@@ -20,7 +20,18 @@ from typing import Any
 
 import pandas as pd
 
-RESULT_KEYS = ("mIoU", "aAcc", "mAcc", "gmacs", "gmacs_linear", "gmacs_dense", "gmacs_linear_dense", "images")
+RESULT_KEYS = (
+    "mIoU",
+    "aAcc",
+    "mAcc",
+    "gmacs",
+    "gmacs_linear",
+    "gmacs_mmcv",
+    "gmacs_dense",
+    "gmacs_linear_dense",
+    "gmacs_mmcv_dense",
+    "images",
+)
 
 
 def format_threshold(value: Any) -> Any:
@@ -129,7 +140,7 @@ def plot(table: pd.DataFrame, path: str | Path, gmacs: str = "gmacs", title: str
     """mIoU vs GMACs, one curve per combination of the other varied columns; ξ labels; dense star."""
     from dtop.viz import plot_tradeoff
 
-    dense_col = "gmacs_dense" if gmacs == "gmacs" else "gmacs_linear_dense"
+    dense_col = gmacs.replace("gmacs", "gmacs_dense") if gmacs == "gmacs" else f"{gmacs}_dense"
     dense = None
     if "dense_mIoU" in table and dense_col in table:
         known = table.dropna(subset=["dense_mIoU", dense_col])
@@ -143,7 +154,7 @@ def plot(table: pd.DataFrame, path: str | Path, gmacs: str = "gmacs", title: str
         group=varied_columns(table),
         dense=dense,
         title=title or "mIoU vs GMACs",
-        xlabel="GMACs / image" + (" (linear/conv only)" if gmacs == "gmacs_linear" else ""),
+        xlabel="GMACs / image" + {"gmacs_linear": " (linear/conv only)", "gmacs_mmcv": " (mmcv)"}.get(gmacs, ""),
     )
 
 
@@ -173,8 +184,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     parser.add_argument(
         "--gmacs",
         default="gmacs",
-        choices=("gmacs", "gmacs_linear"),
-        help="GMACs convention of the plot (all MACs, or linear/conv only as mmcv/DoViT)",
+        choices=("gmacs", "gmacs_linear", "gmacs_mmcv"),
+        help="GMACs convention of the plot: all MACs (DToP's), linear/conv only, or mmcv's (DoViT's)",
     )
     parser.add_argument("--title", default=None)
     args = parser.parse_args(argv)

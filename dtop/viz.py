@@ -98,15 +98,17 @@ def draw_exit_panel(
     legend: Sequence[str],
     palette: Sequence[Sequence[int]],
     ignore_index: int,
+    normalisation: tuple[Sequence[float], Sequence[float]] = (IMAGENET_MEAN, IMAGENET_STD),
 ) -> np.ndarray:
     """Input | exit stages over the input | prediction | ground truth (+ legend) → ``path`` (PNG).
 
     Drawn with PIL at the image's own resolution (small images are enlarged by an integer factor),
-    so every token is an exact patch × patch square; returns the overlay.
+    so every token is an exact patch × patch square; returns the overlay. ``visual["image"]`` is the
+    model's input, normalised with ``normalisation`` (mean, std).
     """
     from PIL import Image, ImageDraw
 
-    image = denormalize(visual["image"])
+    image = denormalize(visual["image"], *normalisation)
     H, W = image.shape[:2]
     colors = stage_colors(num_stages)
     stages = exit_map_pixels(visual["exit_stage"], patch, (H, W))

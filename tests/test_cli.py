@@ -104,6 +104,10 @@ def test_train_eval_round_trip_and_resume(tmp_path):
     assert (run / "config.yaml").exists()
     table = pd.read_parquet(run / "per_image.parquet")
     assert len(table) == 8 and {"image_id", "tokens_s0", "exits_s0", "gmacs", "gmacs_linear", "pixel_acc"} <= set(table)
+    names = ["road", "sidewalk", "building", "vegetation", "sky", "car", "pole", "sign"]
+    assert list(metrics["per_class"]["IoU"]) == names and list(metrics["dense"]["per_class"]["Acc"]) == names
+    assert {f"exits_s{s}.{n}" for s in range(3) for n in names} <= set(table)
+    json.loads((run / "metrics.json").read_text(), parse_constant=pytest.fail)  # strict JSON: no NaN
 
     evaluated = metrics["checkpoint"]  # the checkpoint dtop-train's own summary evaluated
     ok(cli("evaluate", *TINY, f"ckpt_path={evaluated}", "eval_dense=true", cwd=tmp_path))
@@ -180,7 +184,8 @@ def test_bench_runs_on_cpu(tmp_path, dtype):
         inf["gmacs_ratio"] * inf["forward_dense_ms"] / inf["forward_pruned_ms"]
     )
     assert result["train"]["speedup"] > 0 and result["precision"] == "pure"
-    assert json.loads((newest_run(tmp_path, "bench") / "bench.json").read_text())["batch_size"] == 2
+    saved = json.loads((newest_run(tmp_path, "bench") / "bench.json").read_text(), parse_constant=pytest.fail)
+    assert saved["batch_size"] == 2 and saved["inference"]["dense_peak_mib"] is None  # no NaN on the CPU
 
 
 @pytest.mark.skipif(
@@ -208,3 +213,30 @@ def test_camvid_experiments_run_a_few_steps(tmp_path):
     ok(cli("train", "experiment=camvid_dtop_fcn", f"module.init_ckpt={dense}", *common, cwd=tmp_path))
     ok(cli("train", "experiment=camvid_dovit_fcn", f"teacher_ckpt={dense}", *common, cwd=tmp_path))
     assert len(list((tmp_path / "logs" / "train" / "runs").glob("*/checkpoints/last.ckpt"))) == 3
+
+
+def test_progress_bar_and_model_summary_speak_of_steps_and_gmacs(capsys) -> None:
+    from types import SimpleNamespace
+
+    from dtop.lit.progress import SegModelSummary, SegProgressBar
+
+    bar = SegProgressBar()
+    bar._trainer = SimpleNamespace(max_steps=640, global_step=20, max_epochs=-1)
+    assert bar._get_train_description(19).strip() == "step 20/640 · epoch 19"
+    SegModelSummary.summarize(
+        [
+            (" ", ["0"]),
+            ("Name", ["model"]),
+            ("Type", ["Segmentor"]),
+            ("Params", ["3.9 M"]),
+            ("Mode", ["train"]),
+            ("FLOPs", ["0"]),
+        ],
+        10,
+        10,
+        0.1,
+        {"train": 1, "eval": 0},
+        0,
+    )
+    out = capsys.readouterr().out
+    assert "Segmentor" in out and "FLOPs" not in out

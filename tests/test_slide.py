@@ -96,3 +96,38 @@ def test_resize_logits_is_bilinear_without_corner_alignment() -> None:
     out = resize_logits(logits, (17, 23))
     torch.testing.assert_close(out, F.interpolate(logits, size=(17, 23), mode="bilinear", align_corners=False))
     assert resize_logits(logits, (8, 10)) is logits
+
+
+def test_exit_maps_are_stitched_from_the_windows() -> None:
+    from dtop.inference import stitch_exit_maps
+
+    windows = slide_windows(40, 70, (32, 32), (21, 21))
+    maps = [torch.full((2, 2, 2), i) for i in range(len(windows))]
+    stitched = stitch_exit_maps(maps, windows, (40, 70), 16)
+    assert stitched.shape == (2, 3, 5)  # the whole image's token grid
+    # each token takes the last window over its centre pixel: rows 8 (window row 0), 24, 39 (row 1 from y = 8)
+    assert stitched[0].tolist() == [[3, 4, 5, 5, 5]] * 3
+
+
+def test_slide_evaluation_keeps_exit_maps_and_counts_windows() -> None:
+    """Slide-inferred images get an exit map over their whole token grid (for the dashboard) and GMACs per crop."""
+    from functools import partial
+
+    from dtop.lit.module import SegModule
+    from dtop.models.build import build_segmentor
+    from dtop.models.heads.fcn import FCNHead
+    from dtop.models.policies import DToP
+    from dtop.models.vit import ViTBackbone
+
+    torch.manual_seed(0)
+    model = build_segmentor(
+        ViTBackbone(img_size=(32, 32), depth=3), partial(FCNHead), 3, partial(FCNHead), [1], DToP(0.2)
+    ).eval()
+    module = SegModule(model, 3, eval_mode="slide", crop_size=(32, 32), stride=(16, 16))
+    batch = {"image": torch.randn(2, 3, 48, 64), "label": torch.randint(0, 3, (2, 48, 64)), "id": ["a", "b"]}
+    with torch.no_grad():
+        module._eval_step(batch, module.test_metrics)
+    rows, visual = module.per_image, module.visuals[0]
+    assert [r["windows"] for r in rows] == [6, 6] and visual["exit_stage"].shape == (3, 4)
+    assert set(visual["exit_stage"].unique().tolist()) <= {0, 1} and visual["pred"].shape == (48, 64)
+    assert {"exits_s0.0", "exits_s1.2"} <= set(rows[0])

@@ -108,8 +108,10 @@ class Inputs:
         return self.images[i % len(self.images)], self.labels[i % len(self.labels)]
 
 
-def _real_images(cfg: DictConfig, batch: int, size: tuple[int, int]) -> torch.Tensor:
+def _real_images(cfg: DictConfig, model: Segmentor, batch: int, size: tuple[int, int]) -> torch.Tensor:
     dm = instantiate(cfg.data)
+    if model.backbone.has_weights:
+        dm.follow_weights(*model.backbone.mean_std, weights=model.backbone.weights_name)
     dm.setup("validate")
     ds = dm.val_dataset
     imgs = [ds[i % len(ds)]["image"] for i in range(batch)]
@@ -124,7 +126,7 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     real = None
     if cfg.ckpt_path:
         load_model_weights(model, cfg.ckpt_path, configured=describe_cfg(cfg))
-        real = _real_images(cfg, B, size)
+        real = _real_images(cfg, model, B, size)
     else:
         p = model.backbone.patch_size
         N = (-(-size[0] // p)) * (-(-size[1] // p))

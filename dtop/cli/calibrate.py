@@ -7,7 +7,7 @@ target is
 - ``calibrate.max_drop``: at most this many mIoU points below dense → the **lowest** ξ that meets
   it (the most computation saved within the accuracy tolerance); and/or
 - ``calibrate.gmacs_budget``: mean GMACs per image (``calibrate.gmacs_key``: ``gmacs`` — all MACs,
-  DToP's convention — or ``gmacs_linear``, DoViT's) at most this → with a budget alone, the ξ with
+  DToP's convention — ``gmacs_linear`` or ``gmacs_mmcv``, DoViT's) at most this → with a budget alone, the ξ with
   the best mIoU among those within budget (the lowest ξ always meets a budget that any ξ meets, so
   "lowest" would simply pick the least accurate candidate); with both, the lowest ξ meeting both.
 
@@ -191,6 +191,7 @@ def run_calibration(cfg: DictConfig) -> dict[str, Any]:
             "drop": round(dense["mIoU"] - ev["mIoU"], 4),
             "gmacs": ev["gmacs"],
             "gmacs_linear": ev["gmacs_linear"],
+            "gmacs_mmcv": ev["gmacs_mmcv"],
             "gmacs_target": ev[key],
             "saving": round(1 - ev[key] / dense[key], 4) if dense[key] else math.nan,
         }
@@ -204,7 +205,7 @@ def run_calibration(cfg: DictConfig) -> dict[str, Any]:
         "images": int(dense.get("images", 0)),
         "gmacs_key": key,
         "target": {"max_drop": c.get("max_drop"), "gmacs_budget": c.get("gmacs_budget")},
-        "dense": {k: dense[k] for k in ("mIoU", "aAcc", "mAcc", "gmacs", "gmacs_linear") if k in dense},
+        "dense": {k: dense[k] for k in ("mIoU", "aAcc", "mAcc", "gmacs", "gmacs_linear", "gmacs_mmcv") if k in dense},
         "chosen_threshold": None if chosen is None else chosen["threshold"],
         "chosen": chosen,
         "table": table.drop(columns=["xi_min", "gmacs_target"]).to_dict(orient="records"),

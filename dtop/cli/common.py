@@ -117,6 +117,12 @@ def make_run_config(cfg: DictConfig) -> dict[str, Any]:
     return out
 
 
+def store_normalisation(run_config: dict[str, Any], dm: SegDataModule) -> None:
+    """Write the normalisation the run used into its stored data config (it may have come from the weights)."""
+    data = run_config.setdefault("data", {})
+    data["mean"], data["std"] = (list(v) for v in dm.normalisation)
+
+
 def _resolved(node: DictConfig) -> dict[str, Any]:
     """``node`` as a plain dict, each entry resolved where it can be (the run dir is not known outside a
     Hydra app, e.g. in a notebook: such entries are left out)."""
@@ -195,6 +201,8 @@ def build(cfg: DictConfig) -> tuple[SegDataModule, SegModule]:
     """Instantiate the DataModule, the Segmentor and the LightningModule that joins them."""
     dm: SegDataModule = instantiate(cfg.data)
     model: Segmentor = instantiate(cfg.model)
+    if model.backbone.has_weights:  # a randomly initialised backbone takes the data's default
+        dm.follow_weights(*model.backbone.mean_std, weights=model.backbone.weights_name)
     module: SegModule = instantiate(cfg.module)(
         model=model,
         num_classes=dm.num_classes,
@@ -206,6 +214,7 @@ def build(cfg: DictConfig) -> tuple[SegDataModule, SegModule]:
         seed=int(cfg.get("seed", 0)),
         run_config=make_run_config(cfg),
     )
+    store_normalisation(module.run_config, dm)
     return dm, module
 
 
@@ -260,8 +269,10 @@ def evaluate_checkpoint(
                 "mAcc",
                 "gmacs",
                 "gmacs_linear",
+                "gmacs_mmcv",
                 "gmacs_per_crop",
                 "gmacs_linear_per_crop",
+                "gmacs_mmcv_per_crop",
                 "per_class",
             )
         }

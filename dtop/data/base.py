@@ -2,7 +2,7 @@
 
 Batch contract (every dataset in the project returns this per sample)::
 
-    {"image": float32 [3, H, W] ImageNet-normalised,
+    {"image": float32 [3, H, W] normalised with the data module's (mean, std) (see SegDataModule.normalisation),
      "label": int64 [H, W] in [0, num_classes) or ignore_index (255),
      "id": str}
 
@@ -12,16 +12,20 @@ Collated by :func:`seg_collate` into ``image [B, 3, H, W]``, ``label [B, H, W]``
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from dtop.data.sampler import EpochSeededRandomSampler, ResumableDataLoader, SeededSamples, eval_sampler, ignore_sigint
+from dtop.errors import ConfigError
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "SegDataModule", "seg_collate"]
+
+log = logging.getLogger("dtop")
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -81,8 +85,19 @@ class SegDataModule(L.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         seed: int = 0,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        test_images: int | None = None,
+        test_images_seed: int = 0,
     ) -> None:
         super().__init__()
+        self.test_images, self.test_images_seed = test_images, test_images_seed
+        if (mean is None) != (std is None) or any(len(v) != 3 for v in (mean, std) if v is not None):
+            raise ConfigError(
+                f"data.mean and data.std go together, three values each (RGB in [0, 1]); got mean={mean}, std={std}."
+            )
+        self.mean = None if mean is None else tuple(float(v) for v in mean)
+        self.std = None if std is None else tuple(float(v) for v in std)
         if batch_size < 1 or val_batch_size < 1:
             raise ValueError(f"batch sizes must be >= 1, got batch_size={batch_size}, val_batch_size={val_batch_size}")
         if num_workers < 0:
@@ -95,6 +110,31 @@ class SegDataModule(L.LightningDataModule):
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.test_dataset: Dataset | None = None
+
+    @property
+    def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) of RGB in [0, 1] that images are normalised with (ImageNet's until set)."""
+        if self.mean is None or self.std is None:
+            return IMAGENET_MEAN, IMAGENET_STD
+        return self.mean, self.std
+
+    def follow_weights(self, mean: Sequence[float], std: Sequence[float], weights: str) -> None:
+        """Normalise like the backbone's ``weights`` were trained, unless the config chose a normalisation
+        (then say so where the two differ: never a silent mismatch). Call before ``setup``."""
+        mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        if self.mean is None:
+            self.mean, self.std = mean, std
+            log.info("Inputs normalised as %s expects: mean %s, std %s.", weights, mean, std)
+        elif (self.mean, self.std) != (mean, std):
+            log.warning(
+                "Inputs normalised with data.mean=%s, data.std=%s as configured, while %s were trained "
+                "with mean %s, std %s.",
+                self.mean,
+                self.std,
+                weights,
+                mean,
+                std,
+            )
 
     def validate_metadata(self) -> None:
         """Fail early on inconsistent metadata that would otherwise surface as wrong metrics."""
@@ -166,6 +206,10 @@ class SegDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         dataset = self.test_dataset if self.test_dataset is not None else self.val_dataset
+        if dataset is not None and self.test_images is not None:  # a seeded random subset, in dataset order
+            count = min(int(self.test_images), len(dataset))  # type: ignore[arg-type]
+            g = torch.Generator().manual_seed(int(self.test_images_seed))
+            dataset = Subset(dataset, sorted(torch.randperm(len(dataset), generator=g)[:count].tolist()))  # type: ignore[arg-type]
         return self._loader(
             dataset,
             "test",

@@ -39,8 +39,6 @@ IGNORE_INDEX = 255
 SPLIT_SEED_OFFSET: dict[str, int] = {"train": 0, "val": 1_000_003}
 MIN_SIDE = 32
 
-_MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
-_STD = np.asarray(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
 _SIGN_COLOURS = np.asarray([[0.85, 0.1, 0.1], [0.9, 0.8, 0.1], [0.1, 0.3, 0.85], [0.92, 0.92, 0.92]], dtype=np.float32)
 
 
@@ -253,7 +251,7 @@ class SyntheticSegDataset(Dataset):
 
     Sample ``i`` of a split is a pure function of ``(seed + SPLIT_SEED_OFFSET[split], i)``;
     train and val therefore never overlap for the same base ``seed``. Returns the project
-    batch contract: ImageNet-normalised float32 ``image [3, H, W]``, int64 ``label [H, W]``
+    batch contract: normalised (``mean``, ``std``) float32 ``image [3, H, W]``, int64 ``label [H, W]``
     (255 = ignore) and a string ``id``.
     """
 
@@ -264,6 +262,8 @@ class SyntheticSegDataset(Dataset):
         image_size: Sequence[int] = (128, 128),
         seed: int = 0,
         num_classes: int = 8,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         if split not in SPLIT_SEED_OFFSET:
             raise ValueError(f"split must be one of {sorted(SPLIT_SEED_OFFSET)}, got {split!r}")
@@ -278,6 +278,8 @@ class SyntheticSegDataset(Dataset):
         self.seed = seed
         self.split_seed = seed + SPLIT_SEED_OFFSET[split]
         self.num_classes = num_classes
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
 
     def __len__(self) -> int:
         return self.size
@@ -287,8 +289,8 @@ class SyntheticSegDataset(Dataset):
             raise IndexError(f"index {index} out of range for {self!r}")
         index %= self.size
         img, lab = render_scene(self.split_seed, index, *self.image_size)
-        img -= _MEAN
-        img /= _STD
+        img -= self.mean
+        img /= self.std
         return {
             "image": torch.from_numpy(img),
             "label": torch.from_numpy(lab),
@@ -319,6 +321,10 @@ class SyntheticDataModule(SegDataModule):
         val_batch_size: int = 16,
         num_workers: int = 0,
         pin_memory: bool = False,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        test_images: int | None = None,
+        test_images_seed: int = 0,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -326,6 +332,10 @@ class SyntheticDataModule(SegDataModule):
             num_workers=num_workers,
             pin_memory=pin_memory,
             seed=seed,
+            mean=mean,
+            std=std,
+            test_images=test_images,
+            test_images_seed=test_images_seed,
         )
         _check_num_classes(num_classes)
         self.image_size = _check_image_size(image_size)
@@ -337,8 +347,9 @@ class SyntheticDataModule(SegDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Create both splits regardless of stage: they are lazy and cost nothing until indexed."""
-        self.train_dataset = SyntheticSegDataset("train", self.train_size, self.image_size, self.seed, self.num_classes)
-        self.val_dataset = SyntheticSegDataset("val", self.val_size, self.image_size, self.seed, self.num_classes)
+        args = (self.image_size, self.seed, self.num_classes, *self.normalisation)
+        self.train_dataset = SyntheticSegDataset("train", self.train_size, *args)
+        self.val_dataset = SyntheticSegDataset("val", self.val_size, *args)
 
     def __repr__(self) -> str:
         return (

@@ -204,8 +204,11 @@ class PadToSize:
         return F.pad(image, padding, fill=0), F.pad(mask, padding, fill=self.ignore_index)
 
 
-def _to_normalised_float() -> list[Callable]:
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+Normalisation = tuple[Sequence[float], Sequence[float]]  # (mean, std) of RGB in [0, 1]
+
+
+def _to_normalised_float(norm: Normalisation = (IMAGENET_MEAN, IMAGENET_STD)) -> list[Callable]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(norm[0]), list(norm[1]))]
 
 
 def build_train_transform(
@@ -216,10 +219,11 @@ def build_train_transform(
     flip_prob: float = 0.5,
     photometric: bool = True,
     ignore_index: int = 255,
+    norm: Normalisation = (IMAGENET_MEAN, IMAGENET_STD),
 ) -> JointTransform:
     """mmseg train pipeline: RandomResize -> RandomCrop(cat_max_ratio) -> flip ->
-    PhotoMetricDistortion -> normalise -> pad to ``crop_size``; uint8 in, float32 out."""
-    to_float, normalise = _to_normalised_float()
+    PhotoMetricDistortion -> normalise (``norm``: mean, std) -> pad to ``crop_size``; uint8 in, float32 out."""
+    to_float, normalise = _to_normalised_float(norm)
     steps: list[Callable] = [
         RandomResize(scale, ratio_range),
         RandomCropCatMax(crop_size, cat_max_ratio, ignore_index),
@@ -232,6 +236,6 @@ def build_train_transform(
     return v2.Compose(steps)
 
 
-def build_eval_transform(scale: Sequence[int]) -> JointTransform:
+def build_eval_transform(scale: Sequence[int], norm: Normalisation = (IMAGENET_MEAN, IMAGENET_STD)) -> JointTransform:
     """mmseg test pipeline: keep-ratio resize of the image to ``scale``, label untouched."""
-    return v2.Compose([KeepRatioResize(scale), *_to_normalised_float()])
+    return v2.Compose([KeepRatioResize(scale), *_to_normalised_float(norm)])

@@ -37,6 +37,7 @@ import lightning as L
 import numpy as np
 import pandas as pd
 
+from dtop.data.base import IMAGENET_MEAN, IMAGENET_STD
 from dtop.lit import wandb_logger as wandb_panels
 from dtop.sweeps import collect_dashboard_summaries, format_threshold, hydra_sweep_dir, plot_dashboard_sweep
 from dtop.viz import default_palette, draw_exit_panel, plot_histograms, stage_names, token_classes
@@ -116,7 +117,14 @@ class Dashboard(L.Callback):
             **{k: ev.get(k) for k in ("mIoU", "aAcc", "mAcc") if k in ev},
             **{
                 k: float(rows[k].mean())
-                for k in ("gmacs", "gmacs_linear", "gmacs_dense", "gmacs_linear_dense")
+                for k in (
+                    "gmacs",
+                    "gmacs_linear",
+                    "gmacs_mmcv",
+                    "gmacs_dense",
+                    "gmacs_linear_dense",
+                    "gmacs_mmcv_dense",
+                )
                 if k in rows
             },
             "tokens_per_stage": [float(v.mean()) for v in tokens.values()],
@@ -170,6 +178,8 @@ class Dashboard(L.Callback):
         palette = getattr(trainer.datamodule, "palette", None) if trainer.datamodule is not None else None
         palette = list(palette) if palette is not None and len(palette) >= K else default_palette(K)
         legend = stage_names(model.prune_layers, model.backbone.depth)
+        norm = trainer.datamodule.normalisation if hasattr(trainer.datamodule, "normalisation") else None
+        norm = norm or (IMAGENET_MEAN, IMAGENET_STD)
         folder = out / "exit_maps"
         folder.mkdir(exist_ok=True)
         for old in folder.glob("*.png"):
@@ -178,7 +188,9 @@ class Dashboard(L.Callback):
         panels = []
         for i, v in enumerate(visuals):
             path = folder / f"{i:02d}_{_safe_name(v['id'])}.png"
-            draw_exit_panel(v, path, patch=p, num_stages=S, legend=legend, palette=palette, ignore_index=ignore)
+            draw_exit_panel(
+                v, path, patch=p, num_stages=S, legend=legend, palette=palette, ignore_index=ignore, normalisation=norm
+            )
             grid = tuple(v["exit_stage"].shape)
             cls = token_classes(v["pred"], grid, p).reshape(-1).numpy()
             np.add.at(counts, (np.clip(cls, 0, K - 1), v["exit_stage"].reshape(-1).numpy()), 1)
@@ -198,7 +210,7 @@ class Dashboard(L.Callback):
             ]
         )
         table.to_csv(out / "exit_class.csv", index=False)
-        self._labels = (names, legend, p, ignore)
+        self._labels = (names, legend, p, ignore, norm)
         return panels
 
     # -------------------------------------------------------------- loggers

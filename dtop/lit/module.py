@@ -18,11 +18,21 @@ from dtop.losses import feature_mse, kl_distillation
 from dtop.metrics import SegMetrics, format_metrics
 from dtop.models.engine import Segmentor, SegOutput
 from dtop.models.graphs import GraphedSegmentor
+from dtop.ops.resize import resize_bilinear
 from dtop.version import dtop_version
+
+MAC_KINDS = ("", "_linear", "_mmcv")  # the conventions of dtop.models.macs: macs, macs_linear, macs_mmcv
 
 
 class SegModule(L.LightningModule):
-    """Trains with CE on the assembled map + α·Σ aux CE (+ β·KL to a frozen dense teacher)."""
+    """Trains the segmentor and evaluates it (metrics, per-image token counts and GMACs, exit maps).
+
+    The loss is the decode head's loss on the assembled map plus ``aux_weight`` × each aux head's loss
+    on its stage's map: for FCN/Segmenter heads pixel CE, for ATM heads the presence BCE, mask focal
+    and dice terms (:meth:`~dtop.models.heads.atm.ATMHead.loss`). With a dense teacher (DoViT's
+    distillation) ``kl_weight`` × KL between the two final maps (direction, resolution and pixels per
+    ``kl_direction`` / ``kl_scale``) and ``mse_weight`` × the MSE of the final normalised features.
+    """
 
     def __init__(
         self,
@@ -39,8 +49,13 @@ class SegModule(L.LightningModule):
         warmup_ratio: float = 1e-6,
         poly_power: float = 0.9,
         min_lr: float = 0.0,
+        poly_iters: int | None = None,
+        poly_after_warmup: bool = False,
+        decay_all: bool = False,
         aux_weight: float = 0.4,
         kl_weight: float = 0.0,
+        kl_direction: str = "student_teacher",
+        kl_scale: int | None = None,
         mse_weight: float = 0.0,
         teacher_ckpt: str | None = None,
         init_ckpt: str | None = None,
@@ -123,11 +138,19 @@ class SegModule(L.LightningModule):
             with torch.no_grad():
                 t_out = teacher(images)
             if hp.kl_weight > 0:
-                s_up = self.model.upsample(out.logits, out, size)
-                t_up = teacher.upsample(t_out.logits, t_out, size)
-                terms["kl"] = hp.kl_weight * kl_distillation(s_up, t_up, target, hp.ignore_index)
+                if hp.kl_scale is None:  # at the labels, over the labelled pixels
+                    s_map, t_map, labels = (
+                        self.model.upsample(out.logits, out, size),
+                        teacher.upsample(t_out.logits, t_out, size),
+                        target,
+                    )
+                else:  # at kl_scale × the token grid, over every pixel (DoViT's code: SETR's decode output)
+                    s_map, t_map, labels = (_scaled(out.logits, hp.kl_scale), _scaled(t_out.logits, hp.kl_scale), None)
+                terms["kl"] = hp.kl_weight * kl_distillation(s_map, t_map, labels, hp.ignore_index, hp.kl_direction)
             if hp.mse_weight > 0 and out.features is not None and t_out.features is not None:
-                terms["mse"] = hp.mse_weight * feature_mse(out.features, t_out.features)
+                # the final features as the decode heads see them (after the final norm), as DoViT's code distils
+                s_feat, t_feat = self.model.backbone.norm(out.features), teacher.backbone.norm(t_out.features)
+                terms["mse"] = hp.mse_weight * feature_mse(s_feat, t_feat)
         return terms
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -155,7 +178,7 @@ class SegModule(L.LightningModule):
             if not p.requires_grad:
                 continue
             is_head = not name.startswith("backbone.")
-            no_decay = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token"))
+            no_decay = not hp.decay_all and (p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token")))
             groups.setdefault((is_head, no_decay), []).append(p)
         param_groups = [
             {
@@ -178,10 +201,15 @@ class SegModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def lr_factor(self, step: int, total: int) -> float:
-        """Linear warmup from ``warmup_ratio`` then poly decay to ``min_lr`` (mmseg's iteration schedule)."""
+        """Linear warmup from ``warmup_ratio`` and poly decay to ``min_lr`` over ``poly_iters`` (default: the
+        run's steps). mmseg 0.x multiplies the two; with ``poly_after_warmup`` the decay starts from the full
+        rate when the warmup ends, as mmengine's LinearLR + PolyLR(begin=warmup) (DToP's code)."""
         hp = self.hparams
         floor = hp.min_lr / hp.lr if hp.lr > 0 else 0.0
-        poly = (1 - floor) * (1 - min(step, total) / total) ** hp.poly_power + floor
+        horizon = max(int(hp.poly_iters or total), 1)
+        start = hp.warmup_iters if hp.poly_after_warmup else 0
+        frac = min(max(step - start, 0), horizon - start) / max(horizon - start, 1)
+        poly = (1 - floor) * (1 - frac) ** hp.poly_power + floor
         if step < hp.warmup_iters:
             k = hp.warmup_ratio + (1 - hp.warmup_ratio) * step / hp.warmup_iters
             return poly * k
@@ -194,9 +222,8 @@ class SegModule(L.LightningModule):
         collected: list[dict[str, Tensor]] = []
 
         def collect(crop: Tensor, out: SegOutput) -> None:
-            dense, dense_lin = self.model.dense_macs(*crop.shape[-2:])
-            out.stats["macs_dense"] = torch.full_like(out.stats["macs"], dense)
-            out.stats["macs_linear_dense"] = torch.full_like(out.stats["macs"], dense_lin)
+            for kind, value in zip(MAC_KINDS, self.model.dense_macs(*crop.shape[-2:]), strict=True):
+                out.stats[f"macs{kind}_dense"] = torch.full_like(out.stats["macs"], value)
             collected.append(out.stats)
 
         def forward(crop: Tensor) -> Tensor:
@@ -221,10 +248,7 @@ class SegModule(L.LightningModule):
             "tokens_per_stage",
             "exits_per_stage",
             "exits_per_class",
-            "macs",
-            "macs_linear",
-            "macs_dense",
-            "macs_linear_dense",
+            *(f"macs{kind}{dense}" for kind in MAC_KINDS for dense in ("", "_dense")),
         )
         stats = {k: torch.stack([c[k] for c in collected]).sum(0) for k in keys}
         stats["windows"] = torch.full_like(stats["macs"], len(collected))
@@ -256,7 +280,7 @@ class SegModule(L.LightningModule):
         exits = stats["exits_per_stage"].tolist()
         per_class = stats["exits_per_class"].tolist()
         windows = stats["windows"].tolist()
-        gm = {k: (stats[f"macs{k}"] / 1e9).tolist() for k in ("", "_linear", "_dense", "_linear_dense")}
+        gm = {f"{k}{d}": (stats[f"macs{k}{d}"] / 1e9).tolist() for k in MAC_KINDS for d in ("", "_dense")}
         names = self.class_names
         for i, image_id in enumerate(batch["id"]):
             row: dict[str, Any] = {
@@ -343,7 +367,7 @@ def summarize_per_image(rows: list[dict[str, Any]], num_stages: int) -> dict[str
     tokens = [sum(r[f"tokens_s{s}"] for r in rows) / n for s in range(num_stages)]
     out: dict[str, Any] = {"images": n}
     windows = sum(r.get("windows", 1) for r in rows)
-    for key in ("gmacs", "gmacs_linear", "gmacs_dense", "gmacs_linear_dense"):
+    for key in (f"gmacs{kind}{dense}" for kind in MAC_KINDS for dense in ("", "_dense")):
         total = sum(r[key] for r in rows)
         out[key] = round(total / n, 4)  # per image: every slide window it took
         out[f"{key}_per_crop"] = round(total / windows, 4)  # DToP's average per slide window
@@ -357,3 +381,8 @@ def _nearest(label: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     if tuple(label.shape[-2:]) == tuple(size):
         return label
     return torch.nn.functional.interpolate(label[None, None].float(), size=tuple(size), mode="nearest")[0, 0].long()
+
+
+def _scaled(logits: Tensor, scale: int) -> Tensor:
+    """A [B, K, h, w] map bilinearly upsampled ``scale`` times (align_corners=False)."""
+    return resize_bilinear(logits, (logits.shape[-2] * scale, logits.shape[-1] * scale))

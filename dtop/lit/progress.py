@@ -32,10 +32,11 @@ class SegModelSummary(RichModelSummary):
         dm = trainer.datamodule
         size = getattr(dm, "crop_size", None) or getattr(dm, "image_size", None)
         if trainer.is_global_zero and model is not None and size is not None:
-            macs, linear = (v / 1e9 for v in model.dense_macs(int(size[0]), int(size[1])))
+            macs, linear, mmcv = (v / 1e9 for v in model.dense_macs(int(size[0]), int(size[1])))
             get_console().print(
                 f"[bold]Dense GMACs per {size[0]}×{size[1]} input[/]: {macs:.4g} (all MACs), {linear:.4g} "
-                "(linear/conv only); pruned runs report theirs per image (dtop-flops for any size)"
+                f"(linear/conv only), {mmcv:.4g} (mmcv's convention); pruned runs report theirs per image "
+                "(dtop-flops for any size)"
             )
 
     @staticmethod

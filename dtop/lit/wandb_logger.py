@@ -59,6 +59,7 @@ def log_eval(
     legend: list[str],
     patch: int,
     ignore_index: int,
+    normalisation: tuple[Any, Any],
 ) -> None:
     """One evaluation on a ``WandbLogger``: token and GMACs histograms, exit maps with prediction /
     ground-truth / exit-stage mask overlays, the exit stage per class, and the run summary."""
@@ -72,7 +73,7 @@ def log_eval(
         stages = {s: n for s, n in enumerate(legend)}
         images = []
         for v in panels:
-            img = denormalize(v["image"])
+            img = denormalize(v["image"], *normalisation)
             H, W = img.shape[:2]
             label = v["label"].cpu().numpy().astype(np.int64)
             images.append(
@@ -100,7 +101,11 @@ def log_eval(
     logger.log_metrics(data, step=step)
     if phase == "test":
         logger.experiment.summary.update(
-            {k: summary[k] for k in ("threshold", "mIoU", "gmacs", "gmacs_linear", "gmacs_dense") if k in summary}
+            {
+                k: summary[k]
+                for k in ("threshold", "mIoU", "gmacs", "gmacs_linear", "gmacs_mmcv", "gmacs_dense")
+                if k in summary
+            }
         )
 
 

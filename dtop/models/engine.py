@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from dtop.models.blocks import blocks_forward
 from dtop.models.heads.base import SegHead
-from dtop.models.macs import block_coefficients, blocks_macs, patch_embed_macs
+from dtop.models.macs import block_coefficients, block_mmcv, blocks_macs, patch_embed_macs, patch_embed_mmcv
 from dtop.models.packed import TokenStream
 from dtop.models.policies import Decision, DToP, Policy
 from dtop.models.state import RunState
@@ -85,7 +85,7 @@ class Segmentor(nn.Module):
         self.aux_heads = nn.ModuleList(aux_heads)
         self.prune_layers = prune_layers
         self.pruning = pruning if pruning is not None else DToP(1.0)
-        self._dense_macs: dict[tuple[int, int], tuple[float, float]] = {}
+        self._dense_macs: dict[tuple[int, int], tuple[float, float, float]] = {}
         self._coefficients: dict[torch.device, Tensor] = {}
 
     @property
@@ -142,7 +142,9 @@ class Segmentor(nn.Module):
             )
         else:
             state.reset()
-        state.embed_macs = float(patch_embed_macs(N, p, images.shape[1], self.backbone.embed_dim))
+        C = self.backbone.embed_dim
+        state.embed_macs = float(patch_embed_macs(N, p, images.shape[1], C))
+        state.embed_macs_mmcv = float(patch_embed_mmcv(N, p, images.shape[1], C))
         return stream, state, ((H, W), (Hp, Wp))
 
     def run_stage(self, stage: int, stream: TokenStream, state: RunState) -> Decision:
@@ -161,37 +163,46 @@ class Segmentor(nn.Module):
         return self.backbone.blocks[starts[stage] : ends[stage]]
 
     def _block_coefficients(self, device: torch.device) -> Tensor:
-        """[S, 2] float64: per stage, the blocks' (linear MACs per token, attention MACs per token pair)."""
+        """[S, 3] float64: per stage, the blocks' (linear MACs per token, attention MACs per token pair,
+        mmcv MACs per token)."""
         if device not in self._coefficients:  # built by the first (eager) run, before any graph capture
             rows = [
                 [float(sum(block_coefficients(b)[i] for b in self.stage_blocks(s))) for i in (0, 1)]
+                + [float(sum(block_mmcv(b) for b in self.stage_blocks(s)))]
                 for s in range(self.num_stages)
             ]
             self._coefficients[device] = torch.tensor(rows, dtype=torch.float64, device=device)
         return self._coefficients[device]
 
-    def _macs(self, state: RunState, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-image (macs, macs_linear) of the run from its token counts, all stages at once.
+    def _macs(self, state: RunState, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-image (macs, macs_linear, macs_mmcv) of the run from its token counts, all stages at once.
 
         ``tokens`` [B, S]: active patch tokens entering each stage. Blocks cost ``a·n + b·n²`` for
         ``n`` tokens (:func:`~dtop.models.macs.blocks_macs`); heads cost what ``head.macs`` says
-        for the tokens they saw (:meth:`RunState.count_head`).
+        for the tokens they saw (:meth:`RunState.count_head`), and the final norm 2 MACs per element
+        of what the decode head saw in the mmcv count (:mod:`dtop.models.macs`).
         """
         B = tokens.shape[0]
         n = state.lengths[:B].to(torch.float64)
         coef = self._block_coefficients(n.device)
-        linear = [n @ coef[:, 0]]
+        linear, mmcv = [n @ coef[:, 0]], [n @ coef[:, 2]]
         total = [linear[0], (n * n) @ coef[:, 1]]
-        const_total = const_linear = state.embed_macs
+        const = [state.embed_macs, state.embed_macs, state.embed_macs_mmcv]
+        final = 2 * self.backbone.embed_dim * isinstance(self.backbone.norm, nn.LayerNorm)
         for stage, (head, seen) in sorted(state.head_tokens.items()):
+            norm = final if stage == self.num_stages - 1 else 0
             if seen == "grid":  # the same for every image: computed on the host
-                a, lin = head.macs(torch.tensor([float(state.num_patches)]))
-                const_total, const_linear = const_total + float(a), const_linear + float(lin)
+                count = torch.tensor([float(state.num_patches)])
+                a, lin = head.macs(count)
+                for i, v in enumerate((a, lin, head.macs_mmcv(count) + norm * count)):
+                    const[i] += float(v)
                 continue
-            a, lin = head.macs(n[:, stage] if seen == "stream" else tokens[:, stage])
+            seen_tokens = n[:, stage] if seen == "stream" else tokens[:, stage]
+            a, lin = head.macs(seen_tokens)
             total.append(a)
             linear.append(lin)
-        return torch.stack(total).sum(0) + const_total, torch.stack(linear).sum(0) + const_linear
+            mmcv.append(head.macs_mmcv(seen_tokens) + norm * seen_tokens)
+        return tuple(torch.stack(m).sum(0) + c for m, c in zip((total, linear, mmcv), const, strict=True))
 
     def assemble(self, state: RunState, input_size: tuple[int, int], padded_size: tuple[int, int]) -> SegOutput:
         """Every token's logits as one map per image, plus the run's statistics (real images only)."""
@@ -222,7 +233,7 @@ class Segmentor(nn.Module):
             "exits_per_class": per_class.view(B, S, K),
             "exit_stage": exit_stage.view(B, h, w),
         }
-        stats["macs"], stats["macs_linear"] = self._macs(state, tokens)
+        stats["macs"], stats["macs_linear"], stats["macs_mmcv"] = self._macs(state, tokens)
         return SegOutput(
             logits=logits,
             presence=presence,
@@ -244,31 +255,33 @@ class Segmentor(nn.Module):
         finally:
             self.pruning.enabled = before
 
-    def dense_macs_parts(self, height: int, width: int) -> list[tuple[str, float, float]]:
-        """(part, macs, macs_linear) of the unpruned model at inference for one H×W image.
+    def dense_macs_parts(self, height: int, width: int) -> list[tuple[str, float, float, float]]:
+        """(part, macs, macs_linear, macs_mmcv) of the unpruned model at inference for one H×W image.
 
         Without pruning, inference runs no aux head (they only train), as mmseg's dense models.
         """
-        p = self.backbone.patch_size
+        p, C = self.backbone.patch_size, self.backbone.embed_dim
         N = -(-height // p) * (-(-width // p))
         n_all = torch.tensor([N + self.backbone.num_prefix_tokens])
-        embed = float(patch_embed_macs(N, p, 3, self.backbone.embed_dim))
-        parts = [("patch embed", embed, embed)]
+        embed = float(patch_embed_macs(N, p, 3, C))
+        parts = [("patch embed", embed, embed, float(patch_embed_mmcv(N, p, 3, C)))]
         parts += [
-            (f"block {i + 1} ({int(n_all)} tokens)", *map(float, blocks_macs([b], n_all)))
+            (f"block {i + 1} ({int(n_all)} tokens)", *map(float, blocks_macs([b], n_all)), float(n_all) * block_mmcv(b))
             for i, b in enumerate(self.backbone.blocks)
         ]
-        parts.append(
-            (f"decode head ({type(self.decode_head).__name__})", *map(float, self.decode_head.macs(torch.tensor([N]))))
-        )
+        if isinstance(self.backbone.norm, nn.LayerNorm):  # mmcv counts it over every token, prefix ones too
+            parts.append(("final norm", 0.0, 0.0, float(2 * C * n_all)))
+        n = torch.tensor([N])
+        head = self.decode_head
+        parts.append((f"decode head ({type(head).__name__})", *map(float, head.macs(n)), float(head.macs_mmcv(n))))
         return parts
 
-    def dense_macs(self, height: int, width: int) -> tuple[float, float]:
-        """Analytic (macs, macs_linear) of the unpruned model at inference for one H×W image."""
+    def dense_macs(self, height: int, width: int) -> tuple[float, float, float]:
+        """Analytic (macs, macs_linear, macs_mmcv) of the unpruned model at inference for one H×W image."""
         key = (height, width)
         if key not in self._dense_macs:  # constant per input size; eval asks once per batch
             parts = self.dense_macs_parts(height, width)
-            self._dense_macs[key] = (sum(a for _, a, _ in parts), sum(b for _, _, b in parts))
+            self._dense_macs[key] = tuple(sum(part[i] for part in parts) for i in (1, 2, 3))
         return self._dense_macs[key]
 
     def upsampled(self, logits: Tensor, out: SegOutput, size: tuple[int, int] | None = None) -> Upsampled:

@@ -48,6 +48,7 @@ class RunState:
     exit_stage: Tensor  # [B·N + 1] stage whose head made each token's prediction, then the trash row
     lengths: Tensor  # [B, S] int32: tokens (patch and other) entering each stage
     embed_macs: float = 0.0  # patch embedding, per image
+    embed_macs_mmcv: float = 0.0  # the same with the convolution's bias (mmcv's count)
     head_tokens: dict[int, tuple[SegHead, str]] = field(default_factory=dict)  # stage → (head, what it saw)
     stage_logits: list[Tensor] = field(default_factory=list)  # [B·N, K] per aux stage
     stage_presence: list[Tensor | None] = field(default_factory=list)

@@ -14,7 +14,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from dtop.errors import WeightsError
+from dtop.errors import ConfigError, WeightsError
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
@@ -108,7 +108,8 @@ class ViTBackbone(nn.Module):
         pretrained: bool = False,
         weights: str | None = None,
         drop_path_rate: float = 0.0,
-        **model_kwargs,
+        final_norm: bool = True,
+        **model_kwargs: Any,
     ) -> None:
         super().__init__()
         vit = timm.create_model(
@@ -122,18 +123,28 @@ class ViTBackbone(nn.Module):
             **model_kwargs,
         )
         if not isinstance(vit, VisionTransformer) or not all(type(b) is Block for b in vit.blocks):
-            raise ValueError(
+            raise ConfigError(
                 f"{name!r} is not a plain timm ViT (VisionTransformer with standard Blocks); "
                 "token pruning needs one, e.g. vit_base_patch16_224, deit_small_patch16_224, "
                 "vit_small_patch14_dinov2."
             )
+        if not final_norm:  # the decode head reads the last block's output as it is (SegViT, DToP's ATM models)
+            vit.norm = nn.Identity()
         self.vit = vit
         self.name = name
+        self.has_weights = bool(weights or pretrained)
+        tag = vit.pretrained_cfg.get("tag")
+        self._weights_name = f"weights {weights}" if weights else f"timm's {name}" + (f".{tag}" if tag else "")
         if weights:
             self.load_weights(weights)
         elif pretrained:
             state, where = _pretrained_state(name, dict(vit.pretrained_cfg))
             self.load_state(state, where)
+
+    @property
+    def weights_name(self) -> str:
+        """Which weights the backbone holds (for messages): a file, timm's tag, or none."""
+        return self._weights_name
 
     @property
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -184,7 +195,8 @@ class ViTBackbone(nn.Module):
         own = self.vit.state_dict()
         if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
             state["pos_embed"] = self._fit_pos_embed(state["pos_embed"].float())
-        state = {k: v for k, v in state.items() if not k.startswith("head.") and not k.startswith("fc_norm.")}
+        dropped = ("head.", "fc_norm.") + (() if isinstance(self.vit.norm, nn.LayerNorm) else ("norm.",))
+        state = {k: v for k, v in state.items() if not k.startswith(dropped)}
         for token in ("cls_token", "reg_token"):  # e.g. SegViT drops the ImageNet cls token
             if getattr(self.vit, token) is None:
                 state.pop(token, None)

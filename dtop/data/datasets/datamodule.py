@@ -58,6 +58,10 @@ class FileListDataModule(SegDataModule, ABC):
             overlap (512 -> 341, 480 -> 320, 768 -> 512, 1024 -> 683).
         test_split: a labelled split to build ``test_dataset`` from (e.g. CamVid "test");
             without it ``trainer.test`` runs on the val split.
+        mean, std: input normalisation (RGB in [0, 1]); None: as the backbone's weights expect
+            (:meth:`~dtop.data.base.SegDataModule.follow_weights`).
+        test_images, test_images_seed: evaluate (``trainer.test``) a seeded random subset of this many
+            images, e.g. DoViT's FLOPs protocol (100 random val images).
     """
 
     name: str
@@ -88,8 +92,14 @@ class FileListDataModule(SegDataModule, ABC):
         stride: Sequence[int] | None = None,
         test_split: str | None = None,
         num_classes: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        test_images: int | None = None,
+        test_images_seed: int = 0,
     ) -> None:
-        super().__init__(batch_size, val_batch_size, num_workers, pin_memory, seed)
+        super().__init__(
+            batch_size, val_batch_size, num_workers, pin_memory, seed, mean, std, test_images, test_images_seed
+        )
         if num_classes is not None and num_classes != self.num_classes:
             raise ValueError(
                 f"{type(self).__name__} has {self.num_classes} classes, but the config says "
@@ -103,10 +113,7 @@ class FileListDataModule(SegDataModule, ABC):
         )
         self.eval_mode = eval_mode or self.default_eval_mode
         self.test_split = test_split
-        self.train_transform = build_train_transform(
-            self.scale, self.crop_size, ratio_range, cat_max_ratio, flip_prob, photometric, self.ignore_index
-        )
-        self.eval_transform = build_eval_transform(self.scale)
+        self._augment = (ratio_range, cat_max_ratio, flip_prob, photometric)
         if any(not 0 < s <= c for s, c in zip(self.stride, self.crop_size, strict=True)):
             raise ValueError(f"stride must be positive and <= crop_size {self.crop_size}, got {self.stride}")
         self.lut = make_label_lut(self.reduce_zero_label, self.label_map, self.ignore_index)
@@ -119,6 +126,15 @@ class FileListDataModule(SegDataModule, ABC):
             f"{self.name} expects this layout under root={self.root}:\n{self.layout}\n"
             "Set the root with data.root=<path> or the DTOP_DATA environment variable."
         )
+
+    @property
+    def train_transform(self) -> JointTransform:
+        """The train pipeline, normalising with :attr:`normalisation` (fixed once the splits are set up)."""
+        return build_train_transform(self.scale, self.crop_size, *self._augment, self.ignore_index, self.normalisation)
+
+    @property
+    def eval_transform(self) -> JointTransform:
+        return build_eval_transform(self.scale, self.normalisation)
 
     @abstractmethod
     def list_split(self, split: str) -> list[SampleFiles]:

@@ -127,8 +127,12 @@ class ATMHead(SegHead):
         num_layers: int = 3,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
+        mask_loss_pixels: str = "labelled",
     ) -> None:
         super().__init__()
+        if mask_loss_pixels not in ("labelled", "all"):
+            raise ValueError(f"mask_loss_pixels must be 'labelled' or 'all'; got {mask_loss_pixels!r}.")
+        self.mask_loss_pixels = mask_loss_pixels
         dim = in_channels // 2 if dim is None else dim
         num_heads = max(dim // 64, 1) if num_heads is None else num_heads
         if num_layers < 1:
@@ -189,9 +193,11 @@ class ATMHead(SegHead):
           absent terms weighted ``absent_weight``, normalised by the total weight (as DETR/SegViT's
           ``eos_coef``-weighted classification loss);
         - ``focal`` (α 0.25, γ 2) and ``dice`` on the masks of the classes **present** in each image
-          only, over its labelled pixels: each mask's focal loss is its mean over those pixels, and
-          both terms are summed over the (image, present class) masks and divided by their number
-          (DETR's ``num_masks``). Absent classes are supervised only through the presence loss.
+          only, over its labelled pixels (``mask_loss_pixels="all"``: over every pixel of the crop,
+          unlabelled ones as negatives, as the official DToP/SegViT code): each mask's focal loss is its
+          mean over those pixels, and both terms are summed over the (image, present class) masks and
+          divided by their number (DETR's ``num_masks``). Absent classes are supervised only through
+          the presence loss.
         """
         logits = dense(logits)
         B, K = logits.shape[:2]
@@ -205,7 +211,7 @@ class ATMHead(SegHead):
         b, c = present.nonzero(as_tuple=True)
         masks = logits.flatten(2)[b, c]  # [M, P] masks of the present (image, class) pairs
         tgt = labels[b] == c[:, None]
-        pix = valid[b]
+        pix = valid[b] if self.mask_loss_pixels == "labelled" else None
         num_masks = max(int(b.numel()), 1)
         out["focal"] = focal_weight * sigmoid_focal_loss(masks, tgt, pix).sum() / num_masks
         out["dice"] = dice_weight * dice_loss(masks, tgt, pix).sum() / num_masks
@@ -220,3 +226,8 @@ class ATMHead(SegHead):
             a, lin = layer.macs(n, K)
             total, linear = total + a, linear + lin
         return total, linear
+
+    def macs_mmcv(self, n: Tensor) -> Tensor:
+        """The linears and LayerNorms (the input's, and three per layer on the K queries)."""
+        n = n.to(torch.float64)
+        return self.macs(n)[1] + 2 * self.dim * (n + 3 * self.num_layers * self.num_classes)

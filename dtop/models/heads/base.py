@@ -86,3 +86,7 @@ class SegHead(nn.Module):
     def macs(self, n: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
         """Multiply-accumulates for ``n`` tokens per image: (all, linear/conv only)."""
         raise NotImplementedError
+
+    def macs_mmcv(self, n: Tensor) -> Tensor:  # pragma: no cover - interface
+        """What mmcv's counter reports for the head on ``n`` tokens per image (:mod:`dtop.models.macs`)."""
+        raise NotImplementedError

@@ -17,7 +17,13 @@ from dtop.models.packed import TokenStream
 
 
 class FCNHead(SegHead):
-    """Per-token FCN head; ``channels=None`` gives DoViT's single 1×1-conv classifier."""
+    """Per-token FCN head; ``channels=None`` gives DoViT's single 1×1-conv classifier.
+
+    ``classifier_scale``: where the mirrored mmseg head applies its classifier, in output pixels per
+    token side (SETR-naive: 4, after its ×4 upsampling). Ours runs it per token — the same logits,
+    since a 1×1 classifier commutes with bilinear upsampling — so it only changes ``macs_mmcv``,
+    the count that follows the papers' architecture.
+    """
 
     def __init__(
         self,
@@ -26,8 +32,10 @@ class FCNHead(SegHead):
         channels: int | None = 256,
         input_norm: bool = True,
         dropout: float = 0.0,
+        classifier_scale: int = 1,
     ) -> None:
         super().__init__()
+        self.classifier_scale = int(classifier_scale)
         self.in_channels, self.num_classes, self.channels = in_channels, num_classes, channels
         self.norm = nn.LayerNorm(in_channels, eps=1e-6) if input_norm else nn.Identity()
         if channels is None:
@@ -56,3 +64,13 @@ class FCNHead(SegHead):
         )
         m = n.to(torch.float64) * per_token
         return m, m
+
+    def macs_mmcv(self, n: Tensor) -> Tensor:
+        """LayerNorm, 1×1 conv (no bias before its BatchNorm), ReLU, and the classifier with its bias on
+        ``classifier_scale``² pixels per token (mmcv does not count BatchNorm: SyncBN in mmseg)."""
+        n = n.to(torch.float64)
+        width = self.in_channels if self.channels is None else self.channels
+        per_token = 2 * self.in_channels * isinstance(self.norm, nn.LayerNorm)
+        if self.channels is not None:
+            per_token += self.in_channels * self.channels + self.channels
+        return n * (per_token + self.classifier_scale**2 * (width * self.num_classes + self.num_classes))

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from dtop.models.blocks import block_forward
 from dtop.models.heads.base import HeadOutput, SegHead
-from dtop.models.macs import blocks_macs
+from dtop.models.macs import block_mmcv, blocks_macs
 from dtop.models.packed import TokenStream
 
 
@@ -162,3 +162,12 @@ class SegmenterHead(SegHead):
         linear = n * (self.in_channels * d + d * d + K * d) + K * d * d
         a, lin = blocks_macs(self.blocks, n + K)
         return linear + a, linear + lin
+
+    def macs_mmcv(self, n: Tensor) -> Tensor:
+        """The linears (with biases where they have them) and LayerNorms, not the mask matmul."""
+        K, d, C = self.num_classes, self.d_model, self.in_channels
+        n = n.to(torch.float64)
+        linear = n * (C * d + d + d * d) + K * d * d  # proj_dec (bias), proj_patch, proj_classes
+        norms = 2 * (n * C * isinstance(self.norm, nn.LayerNorm) + (n + K) * d + n * K)  # input, decoder, mask norm
+        blocks = (n + K) * sum(block_mmcv(b) for b in self.blocks)
+        return linear + norms + blocks

@@ -13,9 +13,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dtop.models.heads.base import SegHead
+from dtop.errors import ConfigError
+from dtop.models.heads.base import HeadOutput, SegHead
 from dtop.models.packed import TokenStream
 from dtop.models.policies.base import Decision, Policy
 from dtop.models.state import RunState
@@ -25,7 +27,10 @@ class DoViT(Policy):
     """Token pass with separate attention, reconstruction and cls merging.
 
     ``diff_conf``: tokens whose confidence is *below* it stop as well (the official code's option for
-    tokens no later layer will make confident); ``merge_cls``: Eq. 8 on or off.
+    tokens no later layer will make confident); ``merge_cls``: Eq. 8 on or off; ``grade_upsample``:
+    grade on the head's map bilinearly upsampled by this factor, a token's confidence being the mean
+    over its sub-pixels of the top class probability (the official code with SETR heads, which output
+    ×4 maps); 1 grades the token-grid logits.
     """
 
     def __init__(
@@ -34,8 +39,12 @@ class DoViT(Policy):
         diff_conf: float | None = None,
         agg_rate: float = 0.1,
         merge_cls: bool = True,
+        grade_upsample: int = 1,
     ) -> None:
         super().__init__(threshold)
+        if grade_upsample < 1:
+            raise ConfigError(f"grade_upsample must be an integer ≥ 1; got {grade_upsample}.")
+        self.grade_upsample = int(grade_upsample)
         if diff_conf is not None and not 0.0 <= diff_conf <= 1.0:
             raise ValueError(f"diff_conf must lie in [0, 1] or be null; got {diff_conf}.")
         if not 0.0 <= agg_rate <= 1.0:
@@ -46,7 +55,7 @@ class DoViT(Policy):
         return self.enabled and (self.diff_conf is not None or self.threshold_at(stage, num_aux) < 1.0)
 
     def graph_key(self) -> tuple:
-        return super().graph_key() + (self.diff_conf, self.agg_rate, self.merge_cls)
+        return super().graph_key() + (self.diff_conf, self.agg_rate, self.merge_cls, self.grade_upsample)
 
     def stage_end(self, stage: int, num_aux: int, stream: TokenStream, head: SegHead, state: RunState) -> Decision:
         full = state.scatter_features(stream)  # reconstruction
@@ -56,7 +65,7 @@ class DoViT(Policy):
         state.count_head(stage, head, "grid")
         if not self.prunes_at(stage, num_aux):
             return stream, None, None
-        conf = head.token_probs(out, fs).max(-1).values
+        conf = self._confidence(out, head, fs, state)
         stop = conf > self.threshold_at(stage, num_aux)
         if self.diff_conf is not None:
             stop = stop | (conf < self.diff_conf)
@@ -65,6 +74,18 @@ class DoViT(Policy):
         if self.merge_cls and state.has_cls:
             stream = self._merge_cls(stream, full, state)
         return stream, keep, None
+
+    def _confidence(self, out: HeadOutput, head: SegHead, fs: TokenStream, state: RunState) -> Tensor:
+        """[B·N] each token's confidence: its top class probability, or with ``grade_upsample`` the mean of
+        that over its sub-pixels of the bilinearly upsampled map."""
+        if self.grade_upsample == 1:
+            return head.token_probs(out, fs).max(-1).values
+        if head.grading_rule != "softmax":
+            raise ConfigError(f"grade_upsample needs a head graded by softmax; {type(head).__name__} is not.")
+        (h, w), u, K = state.grid, self.grade_upsample, out.logits.shape[-1]
+        grid = out.logits.float().view(-1, h, w, K).permute(0, 3, 1, 2)
+        top = F.interpolate(grid, scale_factor=u, mode="bilinear", align_corners=False).softmax(1).amax(1)
+        return F.avg_pool2d(top[:, None], u).reshape(-1)
 
     def _merge_cls(self, stream: TokenStream, full: Tensor, state: RunState) -> TokenStream:
         """Eq. 8: cls ← ½(cls + mean of stopped tokens), once more than ``agg_rate`` have stopped."""
