@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import timm
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
@@ -26,10 +27,14 @@ from rich.table import Table
 
 from dtop.checkpoint import load_model_weights
 from dtop.cli.common import CONFIG_PATH, cli, describe_cfg, json_safe, use_checkpoint_config, write_json
+from dtop.errors import ConfigError
 from dtop.losses import cross_entropy
 from dtop.models.engine import Segmentor, SegOutput
 from dtop.models.graphs import GraphedSegmentor
+from dtop.models.packed import TokenStream
 from dtop.models.policies import RecordedDecisions, random_keep_masks
+from dtop.models.policies.synthetic import SyntheticGrades
+from dtop.version import dtop_version
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -86,7 +91,7 @@ def _measure(fn: Callable[[int], Any], warmup: int, iters: int, device: torch.de
 
 
 class Inputs:
-    """A pool of fresh random (or real) batches, rotated so no timing sees one buffer twice in a row."""
+    """A pool of distinct batches (random, or real images), rotated so no timing sees one batch twice in a row."""
 
     def __init__(
         self,
@@ -95,27 +100,108 @@ class Inputs:
         classes: int,
         device: torch.device,
         pool: int = 4,
-        images: torch.Tensor | None = None,
+        images: list[torch.Tensor] | None = None,
     ) -> None:
         g = torch.Generator().manual_seed(0)
         if images is None:
             self.images = [torch.randn(batch, 3, *size, generator=g).to(device) for _ in range(pool)]
         else:
-            self.images = [images.to(device)]
+            self.images = [im.to(device) for im in images]
         self.labels = [torch.randint(0, classes, (batch, *size), generator=g).to(device) for _ in range(pool)]
+
+    def __len__(self) -> int:
+        return len(self.images)
 
     def __call__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images[i % len(self.images)], self.labels[i % len(self.labels)]
 
 
-def _real_images(cfg: DictConfig, model: Segmentor, batch: int, size: tuple[int, int]) -> torch.Tensor:
+def _real_images(cfg: DictConfig, model: Segmentor, batch: int, size: tuple[int, int], pool: int) -> list[torch.Tensor]:
+    """``pool`` batches of distinct val images, resized to ``size`` and normalised as the model's weights expect."""
     dm = instantiate(cfg.data)
     if model.backbone.has_weights:
         dm.follow_weights(*model.backbone.mean_std, weights=model.backbone.weights_name)
     dm.setup("validate")
     ds = dm.val_dataset
-    imgs = [ds[i % len(ds)]["image"] for i in range(batch)]
-    return torch.stack([F.interpolate(im[None], size=size, mode="bilinear", align_corners=False)[0] for im in imgs])
+    n = min(len(ds), batch * pool)
+    if n < batch:
+        raise ValueError(f"The val split has {len(ds)} images, fewer than batch_size={batch}.")
+    imgs = [F.interpolate(ds[i]["image"][None], size=size, mode="bilinear", align_corners=False)[0] for i in range(n)]
+    return [torch.stack(imgs[j : j + batch]) for j in range(0, n - batch + 1, batch)]
+
+
+def _plain_dense(model: Segmentor) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]:
+    """The dense model as one writes it for ``torch.compile``: timm's own blocks over [B, L, C] (fused
+    SDPA), the final norm and the decode head on the patch tokens; returns the token-grid logits and
+    the presence logits (ATM heads)."""
+    vit, head = model.backbone, model.decode_head
+    prefix, p = vit.num_prefix_tokens, vit.patch_size
+
+    def forward(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, _, H, W = images.shape
+        x = vit.embed(images)
+        for block in vit.blocks:
+            x = block(x)
+        x = vit.norm(x)
+        stream = TokenStream.from_dense(x, prefix).patches()[1]
+        out = head(stream.x, stream)
+        return out.logits.view(B, H // p, W // p, -1).permute(0, 3, 1, 2), out.presence
+
+    return forward
+
+
+class Decisions:
+    """Who decides, per batch of the pool: the model itself (a checkpoint on real images), synthetic grades
+    for the configured policy, or recorded keep masks (the ablation without grading or context)."""
+
+    def __init__(self, model: Segmentor, cfg: DictConfig, batch: int, size: tuple[int, int], device: torch.device):
+        self.model, self.kind = model, "model" if cfg.ckpt_path else str(cfg.decisions)
+        if self.kind not in ("model", "synthetic", "recorded"):
+            raise ConfigError(
+                f"decisions must be 'synthetic' or 'recorded' (or give ckpt_path); got {cfg.decisions!r}."
+            )
+        self.policy = model.pruning
+        self.masks: list[list[torch.Tensor]] = []
+        self.grades: SyntheticGrades | None = None
+        self.recorded: RecordedDecisions | None = None
+        if self.kind == "model":
+            return
+        if len(cfg.keep) != len(model.aux_heads):
+            raise ConfigError(
+                f"keep has {len(cfg.keep)} ratios for {len(model.aux_heads)} pruning stages (prune_layers "
+                f"{model.prune_layers}): give one cumulative keep ratio per stage."
+            )
+        p = model.backbone.patch_size
+        N = (-(-size[0] // p)) * (-(-size[1] // p))
+        g = torch.Generator().manual_seed(int(cfg.seed))
+        self.masks = [
+            [m.to(device) for m in random_keep_masks(batch, N, cfg.keep, cfg.keep_spread, g)] for _ in range(cfg.pool)
+        ]
+        if all(t >= 1.0 for t in self.policy.threshold):
+            self.policy.set_threshold(float(cfg.synthetic_threshold))
+        self.grades = SyntheticGrades(model.aux_heads, self.masks[0], model.num_classes, generator=g).to(device)
+        self.recorded = RecordedDecisions(self.masks[0])
+        if self.kind == "recorded":
+            self.use_recorded(True)
+
+    def use_recorded(self, recorded: bool) -> None:
+        """Switch between the configured policy on synthetic grades and recorded masks (same keep sets)."""
+        if self.recorded is None:
+            return
+        self.model.pruning = self.recorded if recorded else self.policy
+        self.kind = "recorded" if recorded else "synthetic"
+
+    def set(self, i: int) -> None:
+        if not self.masks:
+            return
+        masks = self.masks[i % len(self.masks)]
+        self.grades.set_keep(masks)
+        self.recorded.set_keep(masks)
+
+    def describe(self, cfg: DictConfig) -> str:
+        if self.kind == "model":
+            return "the checkpoint's own, on distinct val images"
+        return f"{self.kind}: keep {list(cfg.keep)} ± {cfg.keep_spread}"
 
 
 def bench(cfg: DictConfig) -> dict[str, Any]:
@@ -126,18 +212,11 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     real = None
     if cfg.ckpt_path:
         load_model_weights(model, cfg.ckpt_path, configured=describe_cfg(cfg))
-        real = _real_images(cfg, model, B, size)
-    else:
-        p = model.backbone.patch_size
-        N = (-(-size[0] // p)) * (-(-size[1] // p))
-        g = torch.Generator().manual_seed(int(cfg.seed))
-        masks = [[m.to(device) for m in random_keep_masks(B, N, cfg.keep, cfg.keep_spread, g)] for _ in range(4)]
-        recorded = RecordedDecisions(masks[0])
-        model.pruning = recorded
-    inputs = Inputs(B, size, model.num_classes, device, images=real)
+        real = _real_images(cfg, model, B, size, int(cfg.pool))
+    inputs = Inputs(B, size, model.num_classes, device, pool=int(cfg.pool), images=real)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     if cfg.precision not in ("pure", "mixed"):
-        raise ValueError(
+        raise ConfigError(
             f"precision must be 'pure' (weights cast to dtype) or 'mixed' (autocast); got {cfg.precision!r}."
         )
     train_model = model
@@ -149,10 +228,8 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         infer_autocast: Any = nullcontext()
     else:
         infer_autocast = autocast
+    decisions = Decisions(model, cfg, B, size, device)
     infer_dtype = next(model.parameters()).dtype
-    if cfg.compile:
-        for block in model.backbone.blocks:
-            block.mlp.compile(dynamic=True)
     graphed = GraphedSegmentor(model, int(cfg.graph_bucket)) if cfg.cuda_graphs and device.type == "cuda" else None
     runner: Segmentor | GraphedSegmentor = graphed if graphed is not None else model
 
@@ -161,8 +238,7 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
 
     def infer(i: int, dense: bool, upsample: bool = True) -> None:
         """``segment`` (labels at the input size: what a user gets), or the forward alone (token-grid logits)."""
-        if real is None:
-            recorded.set_keep(masks[i % len(masks)])
+        decisions.set(i)
         images = inputs(i)[0].to(infer_dtype)
         with torch.no_grad(), infer_autocast, model.dense_mode() if dense else nullcontext():
             if upsample:
@@ -173,41 +249,47 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     model.eval()
     graph_diff = None
     if graphed is not None:
-        if real is None:
-            recorded.set_keep(masks[0])
+        decisions.set(0)
         with torch.no_grad(), infer_autocast:
             replayed = graphed(inputs(0)[0].to(infer_dtype)).logits.float()
             eager = model(inputs(0)[0].to(infer_dtype), keep_stages=False).logits.float()
-        graph_diff = float((replayed - eager).abs().max() / eager.abs().max())
+        graph_diff = float((replayed - eager).abs().max() / eager.abs().max().clamp(min=1e-6))
+    policy = decisions.policy
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
+        "timm": timm.__version__,
+        "dtop": dtop_version(),
         "backbone": model.backbone.name,
+        "policy": type(policy).__name__,
+        "context": getattr(policy, "context", None),
+        "threshold": list(policy.threshold),
         "batch_size": B,
         "input_size": list(size),
         "dtype": cfg.dtype,
         "precision": cfg.precision,
         "cuda_graphs": graphed is not None,
-        "compile": bool(cfg.compile),
         "graph_vs_eager_rel_diff": graph_diff,
-        "decisions": "model" if real is not None else f"keep {list(cfg.keep)} ± {cfg.keep_spread}",
+        "decisions": decisions.describe(cfg),
+        "distinct_batches": len(inputs),
     }
-    dense_t = _measure(lambda i: infer(i, True), cfg.warmup, cfg.iters, device)
-    pruned_t = _measure(lambda i: infer(i, False), cfg.warmup, cfg.iters, device)
-    dense_fwd = _measure(lambda i: infer(i, True, False), cfg.warmup, cfg.iters, device)
-    pruned_fwd = _measure(lambda i: infer(i, False, False), cfg.warmup, cfg.iters, device)
-    macs = []
+    warmup = max(int(cfg.warmup), len(inputs))  # every batch of the pool (and its graphs) seen before timing
+    dense_t = _measure(lambda i: infer(i, True), warmup, cfg.iters, device)
+    pruned_t = _measure(lambda i: infer(i, False), warmup, cfg.iters, device)
+    dense_fwd = _measure(lambda i: infer(i, True, False), warmup, cfg.iters, device)
+    pruned_fwd = _measure(lambda i: infer(i, False, False), warmup, cfg.iters, device)
+    macs, tokens = [], []
     with torch.no_grad(), infer_autocast:
-        for i in range(4 if real is None else 1):
-            if real is None:
-                recorded.set_keep(masks[i])
+        for i in range(len(inputs)):
+            decisions.set(i)
             out = forward(inputs(i)[0].to(infer_dtype))
             macs.append(float(out.stats["macs"].mean()))
-            tokens = out.stats["tokens_per_stage"].float().mean(0)
+            tokens.append(out.stats["tokens_per_stage"].float().mean(0))
     dense_macs = model.dense_macs(*size)[0]
     gmacs_ratio = statistics.mean(macs) / dense_macs
     time_ratio = pruned_t["ms"] / dense_t["ms"]
-    result["inference"] = {
+    mean_tokens = torch.stack(tokens).mean(0)
+    inf: dict[str, Any] = {
         "dense_ms": dense_t["ms"],
         "pruned_ms": pruned_t["ms"],
         "dense_img_s": 1e3 * B / dense_t["ms"],
@@ -220,24 +302,61 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         "forward_dense_ms": dense_fwd["ms"],
         "forward_pruned_ms": pruned_fwd["ms"],
         "forward_efficiency": gmacs_ratio * dense_fwd["ms"] / pruned_fwd["ms"],
-        "keep_ratio_per_stage": (tokens / tokens[0]).tolist(),
+        "keep_ratio_per_stage": (mean_tokens / mean_tokens[0]).tolist(),
         "dense_peak_mib": dense_t["peak_mib"],
         "pruned_peak_mib": pruned_t["peak_mib"],
     }
+    if cfg.compile_dense and device.type == "cuda":
+        inf.update(_bench_compiled_dense(model, inputs, infer_dtype, infer_autocast, warmup, cfg.iters, device))
+    if "compiled_dense_ms" in inf:
+        best = min(inf["dense_ms"], inf["compiled_dense_ms"])
+        inf["best_dense_ms"] = best
+        inf["efficiency_vs_best_dense"] = gmacs_ratio * best / inf["pruned_ms"]
+    if cfg.ablation_recorded and decisions.recorded is not None and decisions.kind == "synthetic":
+        decisions.use_recorded(True)
+        rec_t = _measure(lambda i: infer(i, False), warmup, cfg.iters, device)
+        decisions.use_recorded(False)
+        inf["recorded_pruned_ms"] = rec_t["ms"]
+    result["inference"] = inf
     if cfg.train_step:
         if train_model is not model:
             del model
             train_model.to(device)
-        result["train"] = _bench_train(
-            cfg,
-            train_model,
-            inputs,
-            autocast,
-            device,
-            masks if real is None else None,
-            recorded if real is None else None,
-        )
+            decisions = Decisions(train_model, cfg, B, size, device)
+        result["train"] = _bench_train(cfg, train_model, inputs, autocast, device, decisions)
     return result
+
+
+def _bench_compiled_dense(
+    model: Segmentor,
+    inputs: Inputs,
+    dtype: torch.dtype,
+    autocast: Any,
+    warmup: int,
+    iters: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """The dense model under ``torch.compile`` (mode ``max-autotune-no-cudagraphs`` would tune longer;
+    ``reduce-overhead`` adds CUDA graphs, so it is the fastest dense a user gets without writing kernels).
+    Labels at the input size are formed as for the other columns."""
+    size = tuple(inputs(0)[0].shape[-2:])
+    if any(n % model.backbone.patch_size for n in size):
+        return {}  # the plain dense forward takes whole patches only
+    compiled = torch.compile(_plain_dense(model), mode="reduce-overhead", dynamic=False)
+
+    def run(i: int) -> None:
+        with torch.no_grad(), autocast:
+            logits, presence = compiled(inputs(i)[0].to(dtype))
+            out = SegOutput(
+                logits.clone(), None if presence is None else presence.clone(), [], [], {}, None, size, size
+            )
+            model.labels(out)
+
+    t0 = time.perf_counter()
+    run(0)
+    compile_s = time.perf_counter() - t0
+    timed = _measure(run, warmup + 2, iters, device)
+    return {"compiled_dense_ms": timed["ms"], "compile_s": compile_s}
 
 
 def _bench_train(
@@ -246,8 +365,7 @@ def _bench_train(
     inputs: Inputs,
     autocast: Any,
     device: torch.device,
-    masks: list | None,
-    recorded: RecordedDecisions | None,
+    decisions: Decisions,
 ) -> dict[str, float]:
     """One optimiser step as ``dtop-train`` takes it: forward under autocast, CE on the final and every
     stage map at full resolution, backward, AdamW (fused on CUDA)."""
@@ -257,8 +375,7 @@ def _bench_train(
     macs: dict[bool, list[float]] = {True: [], False: []}
 
     def step(i: int, dense: bool) -> None:
-        if recorded is not None:
-            recorded.set_keep(masks[i % len(masks)])
+        decisions.set(i)
         images, labels = inputs(i)
         with autocast, model.dense_mode() if dense else nullcontext():
             out = model(images)
@@ -284,8 +401,9 @@ def _bench_train(
 
 def print_result(result: dict[str, Any]) -> None:
     table = Table(
-        title=f"dtop-bench · {result['backbone']} · {result['device']} · batch {result['batch_size']} · "
-        f"{result['input_size'][0]}×{result['input_size'][1]} · {result['dtype']}"
+        title=f"dtop-bench · {result['backbone']} · {result['policy']} ({result['context'] or '-'}) · "
+        f"{result['device']} · batch {result['batch_size']} · {result['input_size'][0]}×{result['input_size'][1]} · "
+        f"{result['dtype']} · decisions: {result['decisions']}"
     )
     for col in ("", "dense", "pruned", "ratio"):
         table.add_column(col, justify="right")
@@ -297,6 +415,11 @@ def print_result(result: dict[str, Any]) -> None:
     )
     table.add_row("peak MiB", f"{inf['dense_peak_mib']:.0f}", f"{inf['pruned_peak_mib']:.0f}", "")
     table.add_row("efficiency", "", "", f"{inf['efficiency']:.3f}")
+    if "compiled_dense_ms" in inf:
+        table.add_row("torch.compile dense ms", f"{inf['compiled_dense_ms']:.3f}", "", "")
+        table.add_row("efficiency vs fastest dense", "", "", f"{inf['efficiency_vs_best_dense']:.3f}")
+    if "recorded_pruned_ms" in inf:
+        table.add_row("recorded masks ms (ablation)", "", f"{inf['recorded_pruned_ms']:.3f}", "")
     table.add_row(
         "forward ms (no upsampling)",
         f"{inf['forward_dense_ms']:.3f}",

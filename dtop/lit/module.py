@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from typing import Any
 
 import lightning as L
@@ -12,6 +13,7 @@ from torch import Tensor, nn
 
 from dtop.checkpoint import KEY as CHECKPOINT_KEY
 from dtop.checkpoint import load_model_weights
+from dtop.errors import ConfigError
 from dtop.inference import resize_logits, slide_inference, slide_windows, stitch_exit_maps
 from dtop.lit.distributed import eval_loader_sampler, gather_eval_rows, gather_eval_visuals
 from dtop.losses import feature_mse, kl_distillation
@@ -64,7 +66,7 @@ class SegModule(L.LightningModule):
         crop_size: tuple[int, int] | None = None,
         stride: tuple[int, int] | None = None,
         class_names: list[str] | None = None,
-        cuda_graphs: bool = False,
+        cuda_graphs: bool | str = "auto",
         seed: int = 0,
         run_config: dict[str, Any] | None = None,
     ) -> None:
@@ -99,7 +101,8 @@ class SegModule(L.LightningModule):
         self.max_visuals = 8  # eval images whose exit maps and predictions are kept for dashboards
         self.visuals: list[dict[str, Any]] = []
         self.last_eval: dict[str, Any] = {}
-        self._graphed: GraphedSegmentor | None = None  # inference replayed as CUDA graphs (see on_test_start)
+        self._graphed: GraphedSegmentor | None = None  # inference replayed as CUDA graphs (see _use_graphs)
+        self._infer_time, self._infer_images = 0.0, 0  # seconds and images of inference in the eval epoch
 
     # ---------------------------------------------------------------- training
     def on_fit_start(self) -> None:
@@ -258,9 +261,18 @@ class SegModule(L.LightningModule):
         )
         return resize_logits(scores, size).argmax(1), stats
 
+    def _clock(self) -> float:
+        """Seconds, once the device has finished what it was given (so intervals time the GPU's work)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     def _eval_step(self, batch: dict[str, Any], metrics: SegMetrics) -> None:
         images, target = batch["image"], batch["label"]
+        start = self._clock()
         pred, stats = self._infer(images, tuple(target.shape[-2:]))
+        self._infer_time += self._clock() - start
+        self._infer_images += images.shape[0]
         metrics.update(pred, target)
         valid = target != self.hparams.ignore_index
         correct = ((pred == target) & valid).flatten(1).sum(1).float()
@@ -304,12 +316,24 @@ class SegModule(L.LightningModule):
     def _inference(self) -> Segmentor | GraphedSegmentor:
         return self._graphed if self._graphed is not None else self.model
 
-    def on_test_start(self) -> None:
-        if self.hparams.cuda_graphs and self.device.type == "cuda" and self._graphed is None:
+    def _use_graphs(self) -> None:
+        """Evaluation on a GPU replays CUDA graphs (``cuda_graphs`` "auto" or true); the graphs apply under
+        16-bit precision and run eagerly otherwise (:class:`GraphedSegmentor` decides per call)."""
+        mode = self.hparams.cuda_graphs
+        if mode not in (True, False, "auto"):
+            raise ConfigError(f"module.cuda_graphs must be true, false or auto; got {mode!r}.")
+        if mode and self.device.type == "cuda" and self._graphed is None:
             self._graphed = GraphedSegmentor(self.model)
+
+    def on_test_start(self) -> None:
+        self._use_graphs()
+
+    def on_validation_start(self) -> None:
+        self._use_graphs()
 
     def on_validation_epoch_start(self) -> None:
         self.per_image, self.visuals = [], []
+        self._infer_time, self._infer_images = 0.0, 0
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics)
@@ -319,6 +343,7 @@ class SegModule(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self.per_image, self.visuals = [], []
+        self._infer_time, self._infer_images = 0.0, 0
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics)
@@ -343,6 +368,8 @@ class SegModule(L.LightningModule):
         self.visuals = gather_eval_visuals(self.visuals, sampler, self.max_visuals)
         summary = summarize_per_image(self.per_image, self.model.num_stages)
         result.update(summary)
+        # inference alone (forward, labels at the label size), on this device: no data loading or metrics
+        result["images_per_s"] = round(self._infer_images / self._infer_time, 2) if self._infer_time > 0 else None
         self.last_eval = result
         scalars = {f"{prefix}/{k}": float(v) for k, v in result.items() if isinstance(v, (int, float))}
         scalars.update(
