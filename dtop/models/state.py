@@ -45,7 +45,9 @@ class RunState:
     num_classes: int
     num_stages: int
     canvas: Tensor  # [B·N + 1, K] assembled logits, flat over (image, patch), then the trash row
-    exit_stage: Tensor  # [B·N + 1] stage whose head made each token's prediction, then the trash row
+    # [B·N + 1] stage at which each token left the blocks (DToP: whose head wrote its canvas logits; DoViT:
+    # where it stopped, the decode head still predicts it), then the trash row
+    exit_stage: Tensor
     lengths: Tensor  # [B, S] int32: tokens (patch and other) entering each stage
     embed_macs: float = 0.0  # patch embedding, per image
     embed_macs_mmcv: float = 0.0  # the same with the convolution's bias (mmcv's count)

@@ -1,6 +1,7 @@
 """What happens to tokens at a stage end: the policies of the one engine.
 
-- :class:`DToP` (:mod:`.dtop`): easy tokens exit with their prediction; top-k per class stay as context.
+- :class:`DToP` (:mod:`.dtop`): easy tokens exit with their stage head's logits; top-k per class stay as
+  context.
 - :class:`DoViT` (:mod:`.dovit`): confident tokens stop, keep their features and are reconstructed.
 - :class:`RecordedDecisions` (:mod:`.recorded`): DToP replaying given keep masks (benchmarks).
 """

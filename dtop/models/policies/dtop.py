@@ -1,12 +1,16 @@
 """DToP — Dynamic Token Pruning (Sec. 3.2 early exit, Sec. 3.4 keeping context).
 
 At the end of every stage, the stage's aux head predicts every active token. A token whose
-confidence (top class probability) reaches ξ is *easy*: its prediction is written to the output
-canvas and the token exits, leaving every later layer. Removing all easy tokens would take the
-context they give the hard ones, so the k most confident easy tokens of each class stay (``topk``,
-the paper's rule). Ablations: ``remove`` (no context), ``average`` (each class's easy tokens stay as
-one mean token), ``avg_topk`` (both), ``fixed_ratio`` (the most confident fraction of each image
-exits, whatever ξ).
+confidence (top class probability) reaches ξ is *easy*: its logits are written to the output canvas
+and the token exits, leaving every later layer. With FCN heads a token's logits are then final (its
+pixels still blend with neighbouring tokens in the bilinear upsampling and overlapping slide windows).
+With ATM heads only its mask logits are: a pixel's score is sigmoid(mask logit) · sigmoid(presence)
+with the *decode* head's presence, whose class queries attended to the tokens still active, so an
+exited token's class can still change (as in the official code; the paper's footnote to Fig. 3).
+Removing all easy tokens would take the context they give the hard ones, so the k most confident easy
+tokens of each class stay (``topk``, the paper's rule). Ablations: ``remove`` (no context),
+``average`` (each class's easy tokens stay as one mean token), ``avg_topk`` (both), ``fixed_ratio``
+(the most confident fraction of each image exits, whatever ξ).
 """
 
 from __future__ import annotations
