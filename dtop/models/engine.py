@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from dtop.models.blocks import blocks_forward
 from dtop.models.heads.base import SegHead
+from dtop.models.hub import HubMixin
 from dtop.models.macs import block_coefficients, block_mmcv, blocks_macs, patch_embed_macs, patch_embed_mmcv
 from dtop.models.packed import TokenStream
 from dtop.models.policies import Decision, DToP, Policy
@@ -48,8 +49,11 @@ def _chains(logits: Tensor, out: SegOutput, size: tuple[int, int] | None) -> lis
     ]
 
 
-class Segmentor(nn.Module):
-    """Backbone + aux heads at ``prune_layers`` (1-based layer indices) + decode head + ``pruning`` policy."""
+class Segmentor(HubMixin, nn.Module):
+    """Backbone + aux heads at ``prune_layers`` (1-based layer indices) + decode head + ``pruning`` policy.
+
+    ``save_pretrained`` / ``from_pretrained`` (:mod:`dtop.models.hub`) make it a portable folder.
+    """
 
     def __init__(
         self,
