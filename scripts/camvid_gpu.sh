@@ -4,6 +4,8 @@
 #   bash scripts/camvid_gpu.sh tuned   OUT   # DToP@Finetune at chosen ξ + DoViT (needs the dense run)
 #   bash scripts/camvid_gpu.sh atm     OUT   # ATM heads: dense baseline, Direct ξ sweep, Finetune at ξ=$ATM_THR
 #   bash scripts/camvid_gpu.sh speed   OUT   # images/s (bf16) of the ξ=0.99 finetuned model on val images (needs tuned)
+#   bash scripts/camvid_gpu.sh evalspeed OUT # dense training (STEPS, default 3000), then dtop-eval's images/s
+#                                            # dense (ξ=1) vs DToP@Direct (ξ=$EVAL_THR), CUDA graphs on/off, batch 1/16
 set -uo pipefail
 stage=$1; out=$2; mkdir -p "$out"
 A=.assets
@@ -31,6 +33,29 @@ if [ "$stage" = atm ]; then
   python -m dtop.cli.train experiment=camvid_dense_atm "${paths[@]}" module.init_ckpt=$atm_dir/checkpoints/best.ckpt \
     model.pruning.threshold=${ATM_THR:-0.95} trainer.max_steps=1000 trainer.val_check_interval=500 module.warmup_iters=50 \
     eval_dense=true hydra.run.dir=logs/camvid/atm_finetune > "$out/atm_finetune.log" 2>&1 || tail -30 "$out/atm_finetune.log"
+fi
+if [ "$stage" = evalspeed ]; then
+  python -m dtop.cli.train experiment=camvid_dense_fcn "${paths[@]}" trainer.max_steps=${STEPS:-3000} \
+    hydra.run.dir=$dense_dir > "$out/dense.log" 2>&1 || { tail -30 "$out/dense.log"; exit 1; }
+  for bs in 1 16; do
+    for g in true false; do
+      for thr in 1.0 ${EVAL_THR:-0.98}; do
+        d=logs/camvid/evalspeed/xi${thr}_graphs-${g}_b$bs
+        python -m dtop.cli.evaluate ckpt_path=$ck "${paths[@]}" model.pruning.threshold=$thr module.cuda_graphs=$g \
+          data.val_batch_size=$bs hydra.run.dir=$d > "$out/evalspeed.log" 2>&1 || tail -30 "$out/evalspeed.log"
+        python -c "import json,sys; m=json.load(open('$d/metrics.json')); print(json.dumps({'xi': $thr, 'cuda_graphs': '$g', \
+          'batch': $bs, **{k: m.get(k) for k in ('mIoU', 'images_per_s', 'gmacs', 'keep_ratio_per_stage')}}))" \
+          >> "$out/camvid_evalspeed.jsonl" 2>/dev/null
+      done
+    done
+  done
+  cat "$out/camvid_evalspeed.jsonl"
+  b=(experiment=camvid_dtop_fcn ckpt_path=$ck model.pruning.threshold=${EVAL_THR:-0.98} "${paths[@]}" dtype=bf16
+     train_step=false input_size=[364,476] cuda_graphs=true compile_dense=true)
+  for bs in 16 1; do
+    python -m dtop.cli.bench "${b[@]}" batch_size=$bs iters=40 hydra.run.dir=logs/camvid/bench_$bs \
+      2>&1 | tail -1 >> "$out/camvid_bench.jsonl"
+  done
 fi
 if [ "$stage" = speed ]; then
   b=(experiment=camvid_dtop_fcn ckpt_path=logs/camvid/finetune_0.99/checkpoints/best.ckpt model.pruning.threshold=0.99

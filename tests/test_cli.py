@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from dtop.checkpoint import CheckpointError, load_model_weights
-from dtop.cli.common import CONFIG_PATH
+from dtop.cli.common import CONFIG_PATH, checkpoint_overrides
 from dtop.models.vit import ViTBackbone, WeightsError
 
 TINY = [
@@ -246,3 +246,19 @@ def test_progress_bar_and_model_summary_speak_of_steps_and_gmacs(capsys) -> None
     )
     out = capsys.readouterr().out
     assert "Segmentor" in out and "FLOPs" not in out
+
+
+def test_checkpoint_commands_accept_keys_of_the_checkpoint_config():
+    """``dtop-eval ckpt_path=X data.root=...``: the default data (synthetic) has no ``root``, the checkpoint's has."""
+    args = ["ckpt_path=a.ckpt", "data.root=/d", "model.pruning.threshold=0.9,0.95", "+data.x=1", "seed=3", "-m"]
+    assert checkpoint_overrides(args) == [
+        "ckpt_path=a.ckpt",
+        "++data.root=/d",
+        "++model.pruning.threshold=0.9,0.95",
+        "+data.x=1",
+        "seed=3",
+        "-m",
+    ]
+    assert checkpoint_overrides(["data.root=/d"]) == ["data.root=/d"]  # no checkpoint: Hydra's own rules
+    chosen = ["ckpt_path=a.ckpt", "experiment=camvid_dense_fcn", "data.root=/d"]
+    assert checkpoint_overrides(chosen) == chosen  # an explicit experiment composes its own config

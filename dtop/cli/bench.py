@@ -16,7 +16,6 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import hydra
 import timm
 import torch
 import torch.nn.functional as F
@@ -26,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dtop.checkpoint import load_model_weights
-from dtop.cli.common import CONFIG_PATH, cli, describe_cfg, json_safe, use_checkpoint_config, write_json
+from dtop.cli.common import cli, describe_cfg, hydra_app, json_safe, use_checkpoint_config, write_json
 from dtop.errors import ConfigError
 from dtop.losses import cross_entropy
 from dtop.models.engine import Segmentor, SegOutput
@@ -444,7 +443,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="bench")
+@hydra_app("bench")
 def main(cfg: DictConfig) -> None:
     cli(run)(cfg)
 

@@ -27,7 +27,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 import pandas as pd
 import torch
@@ -38,10 +37,10 @@ from torch.utils.data import DataLoader, Subset
 
 from dtop.checkpoint import load_model_weights
 from dtop.cli.common import (
-    CONFIG_PATH,
     build,
     cli,
     describe_cfg,
+    hydra_app,
     log,
     make_trainer,
     print_config_tree,
@@ -284,7 +283,7 @@ def calibrate(cfg: DictConfig) -> dict[str, Any]:
     return run_calibration(cfg)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="calibrate")
+@hydra_app("calibrate")
 def main(cfg: DictConfig) -> Any:
     return cli(calibrate)(cfg)["chosen_threshold"]
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import hydra
 import lightning as L
 import pandas as pd
 import torch
@@ -134,6 +135,41 @@ def _resolved(node: DictConfig) -> dict[str, Any]:
         except InterpolationResolutionError:
             continue
     return out
+
+
+def checkpoint_overrides(args: list[str], groups: tuple[str, ...] = ("model", "data")) -> list[str]:
+    """The command line with ``model.*``/``data.*`` keys force-added (``++``) when it reads a checkpoint.
+
+    With ``ckpt_path=`` the config comes from the checkpoint, whose model and data may have keys the
+    default composition lacks (``dtop-eval ckpt_path=X data.root=...`` on a CamVid checkpoint, while the
+    default data is the synthetic set): Hydra would refuse them before the checkpoint is read.
+    """
+    if not any(a.startswith("ckpt_path=") for a in args) or _explicit(args, groups):
+        return args
+    return [
+        f"++{a}"
+        if not a.startswith(("+", "~", "-"))
+        and a.split("=", 1)[0].split(".", 1)[0] in groups
+        and "." in a.split("=", 1)[0]
+        else a
+        for a in args
+    ]
+
+
+def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
+    """``hydra.main`` on dtop's configs, whose command line may override keys of a checkpoint's config."""
+
+    def wrap(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
+        app = hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)(task)
+
+        @functools.wraps(task)
+        def main() -> Any:
+            sys.argv[1:] = checkpoint_overrides(sys.argv[1:])
+            return app()
+
+        return main
+
+    return wrap
 
 
 def _explicit(overrides: list[str], groups: tuple[str, ...]) -> list[str]:

@@ -8,15 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 from omegaconf import DictConfig
 
 from dtop.cli.common import (
-    CONFIG_PATH,
     build,
     cli,
     evaluate_checkpoint,
+    hydra_app,
     make_trainer,
     print_config_tree,
     print_summary,
@@ -36,7 +35,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
+@hydra_app("eval")
 def main(cfg: DictConfig) -> float:
     from dtop.cli.calibrate import objective  # mIoU (cfg.optimized_metric), penalised above cfg.gmacs_budget
 

@@ -13,11 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from dtop.checkpoint import run_config
-from dtop.cli.common import CONFIG_PATH, cli, log, task_overrides, write_json
+from dtop.cli.common import cli, hydra_app, log, task_overrides, write_json
 from dtop.cli.trained import Trained, data_info, load_trained
 from dtop.errors import ConfigError
 from dtop.models.static import StaticSegmentor, capacity_tokens, export_onnx
@@ -143,7 +142,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     return {"format": "onnx", "output": str(output), **export_onnx_pair(cfg, trained, output)}
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
+@hydra_app("export")
 def main(cfg: DictConfig) -> None:
     cli(export)(cfg)
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import pandas as pd
 import torch
@@ -32,7 +31,7 @@ from torch import Tensor
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from dtop.cli.common import CONFIG_PATH, cli, log, write_json
+from dtop.cli.common import cli, hydra_app, log, write_json
 from dtop.cli.trained import data_info, load_trained
 from dtop.data.datasets.filelist import read_image
 from dtop.data.transforms import keep_ratio_size
@@ -289,7 +288,7 @@ def _row(item: Item, stats: dict[str, Tensor], i: int, ms: float) -> dict[str, A
     return row
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="predict")
+@hydra_app("predict")
 def main(cfg: DictConfig) -> None:
     cli(predict)(cfg)
 

@@ -10,18 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 from omegaconf import DictConfig, open_dict
 
 from dtop.checkpoint import check_fits, model_state
 from dtop.cli.common import (
-    CONFIG_PATH,
     STORED,
     build,
     cli,
     describe_cfg,
     evaluate_checkpoint,
+    hydra_app,
     log,
     make_trainer,
     print_config_tree,
@@ -73,7 +72,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+@hydra_app("train")
 def main(cfg: DictConfig) -> float | None:
     metrics = cli(train)(cfg)
     return metrics.get("mIoU")
