@@ -24,20 +24,20 @@ b512=(input_size=[512,512] model.backbone.img_size=[512,512])
 big=(input_size=[1024,2048] model.backbone.img_size=[1024,2048] iters=10)
 for set in ${SETS-dtop dovit}; do
   if [ "$set" = dtop ]; then
-    run dtop_vits_512_b1 "${vits[@]}" "${b512[@]}" "${g[@]}" batch_size=1 iters=100 warmup=20
-    run dtop_vitb_512_b1 "${vitb[@]}" "${b512[@]}" "${g[@]}" batch_size=1 iters=100 warmup=20
-    run dtop_vitl_512_b1 "${vitl[@]}" "${b512[@]}" "${g[@]}" batch_size=1 iters=50 warmup=10
     run dtop_vitb_512_b8 "${vitb[@]}" "${b512[@]}" "${g[@]}" "${c[@]}" batch_size=8 iters=40
-    run dtop_vitb_512_b32 "${vitb[@]}" "${b512[@]}" "${g[@]}" "${c[@]}" batch_size=32 iters=20
-    run dtop_vitl_512_b8 "${vitl[@]}" "${b512[@]}" "${g[@]}" "${c[@]}" batch_size=8 iters=20
+    run dtop_vitb_512_b32 "${vitb[@]}" "${b512[@]}" "${g[@]}" batch_size=32 iters=20
+    run dtop_vitl_512_b8 "${vitl[@]}" "${b512[@]}" "${g[@]}" batch_size=8 iters=20
     run dtop_vitl_512_b32 "${vitl[@]}" "${b512[@]}" "${g[@]}" batch_size=32 iters=10
     run dtop_vitl_1024x2048_b1 "${vitl[@]}" "${big[@]}" "${g[@]}" batch_size=1
+    run dtop_vitb_512_b1 "${vitb[@]}" "${b512[@]}" "${g[@]}" batch_size=1 iters=100 warmup=20
+    run dtop_vits_512_b1 "${vits[@]}" "${b512[@]}" "${g[@]}" batch_size=1 iters=100 warmup=20
+    run dtop_vitl_512_b1 "${vitl[@]}" "${b512[@]}" "${g[@]}" batch_size=1 iters=50 warmup=10
     run dtop_vitl_1024x2048_b2 "${vitl[@]}" "${big[@]}" "${g[@]}" batch_size=2
     run dtop_vitb_512_b8_eager "${vitb[@]}" "${b512[@]}" train_step=false batch_size=8 iters=20
   fi
   if [ "$set" = dovit ]; then
-    run dovit_vitb_512_b1 "${dovit_b[@]}" "${b512[@]}" "${g[@]}" batch_size=1 iters=100 warmup=20
     run dovit_vitb_512_b8 "${dovit_b[@]}" "${b512[@]}" "${g[@]}" batch_size=8 iters=40
+    run dovit_vitb_512_b1 "${dovit_b[@]}" "${b512[@]}" "${g[@]}" batch_size=1 iters=100 warmup=20
     run dovit_vitb_512_b32 "${dovit_b[@]}" "${b512[@]}" "${g[@]}" batch_size=32 iters=20
   fi
   if [ "$set" = train ]; then  # keep schedules that cut ~35 % of the GMACs
