@@ -6,7 +6,7 @@
 # Writes OUT_DIR/<name>.json per configuration and OUT_DIR/all.jsonl.
 set -uo pipefail
 out=${1:-bench_out}; shift || true
-mkdir -p "$out"
+mkdir -p "$out"; : > "$out/all.jsonl"
 common=(dtype=bf16 data.num_classes=150 ~model.backbone.depth "$@")
 vitb=(model.backbone.name=vit_base_patch16_224 model.prune_layers=[6,8])
 vitl=(model.backbone.name=vit_large_patch16_224 model.prune_layers=[8,16])
@@ -15,7 +15,7 @@ dovit_b=(model=dovit_fcn_tiny model.backbone.name=vit_base_patch16_224 model.pru
 run() {
   local name=$1; shift
   timeout "${RUN_LIMIT:-240}" python -m dtop.cli.bench "${common[@]}" "$@" hydra.run.dir="$out/$name" > "$out/$name.log" 2>&1 \
-    && tail -n 1 "$out/$name.log" > "$out/$name.json" && { tail -n 1 "$out/$name.log"; echo; } >> "$out/all.jsonl" \
+    && tail -n 1 "$out/$name.log" > "$out/$name.json" && tail -n 1 "$out/$name.log" >> "$out/all.jsonl" \
     || { echo "FAILED $name"; tail -n 20 "$out/$name.log"; }
 }
 c=(); [ "${COMPILE:-1}" = 1 ] && c=(compile_dense=true)

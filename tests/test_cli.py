@@ -262,3 +262,26 @@ def test_checkpoint_commands_accept_keys_of_the_checkpoint_config():
     assert checkpoint_overrides(["data.root=/d"]) == ["data.root=/d"]  # no checkpoint: Hydra's own rules
     chosen = ["ckpt_path=a.ckpt", "experiment=camvid_dense_fcn", "data.root=/d"]
     assert checkpoint_overrides(chosen) == chosen  # an explicit experiment composes its own config
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("decisions=model", "decisions must be 'synthetic' or 'recorded' without a checkpoint"),
+        ("pool=0", "pool and batch_size must be at least 1"),
+        ("synthetic_threshold=2", "synthetic_threshold must be in (0, 1]"),
+    ],
+)
+def test_bench_bad_settings_give_one_message(tmp_path, override, message):
+    proc = cli(
+        "bench", "input_size=[64,64]", "model.backbone.depth=4", "model.prune_layers=[2,3]", override, cwd=tmp_path
+    )
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_times_a_dense_model(tmp_path):
+    """No pruning stages: no grades to synthesise, the dense and 'pruned' runs are the same model."""
+    args = ("input_size=[64,64]", "model.backbone.depth=4", "model.prune_layers=[]", "keep=[]", "batch_size=2")
+    proc = ok(cli("bench", *args, "iters=2", "warmup=1", "train_step=false", cwd=tmp_path))
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["decisions"] == "none: a dense model" and result["inference"]["gmacs_ratio"] == pytest.approx(1.0)

@@ -150,3 +150,51 @@ def test_unpruned_inference_and_training_loss_need_no_host_sync():
         finally:
             torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(loss)
+
+
+def test_cuda_graphs_setting_is_checked_when_the_module_is_built():
+    from dtop.errors import ConfigError
+    from dtop.lit.module import SegModule
+
+    with pytest.raises(ConfigError, match="cuda_graphs"):
+        SegModule(make_model(), 5, cuda_graphs="yes")
+
+
+def _evaluate_twice(accelerator: str, cuda_graphs):
+    """A validate run then a test run: Lightning moves the model between them, so graphs must not outlive a loop."""
+    import lightning as L
+
+    from dtop.data.synthetic import SyntheticDataModule
+    from dtop.lit.module import SegModule
+    from dtop.models.heads.fcn import FCNHead
+
+    dm = SyntheticDataModule(image_size=(48, 64), train_size=4, val_size=6, val_batch_size=3)
+    torch.manual_seed(0)
+    backbone = ViTBackbone("vit_tiny_patch16_224", img_size=(48, 64), depth=4)
+    model = build_segmentor(backbone, partial(FCNHead), 8, partial(FCNHead), [1, 2], DToP(0.3, context="topk", k=1))
+    module = SegModule(model, 8, cuda_graphs=cuda_graphs)
+    precision = "bf16-mixed" if accelerator == "gpu" else "32-true"
+    kw = dict(accelerator=accelerator, devices=1, precision=precision, logger=False, enable_progress_bar=False)
+    trainer = L.Trainer(enable_model_summary=False, **kw)
+    trainer.validate(module, datamodule=dm, verbose=False)
+    assert module._graphed is None  # dropped at the loop's end
+    first = dict(module.last_eval)
+    trainer.test(module, datamodule=dm, verbose=False)
+    assert module._graphed is None
+    return first, dict(module.last_eval)
+
+
+def _metrics(result: dict) -> dict:
+    return {k: result[k] for k in ("mIoU", "aAcc", "gmacs", "keep_ratio_per_stage")}
+
+
+def test_evaluation_loops_on_the_cpu_run_eagerly_and_report_throughput():
+    val, test = _evaluate_twice("cpu", "auto")
+    assert _metrics(val) == _metrics(test) and test["images_per_s"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graphs_of_one_loop_are_not_replayed_in_the_next():
+    graphs = _evaluate_twice("gpu", True)
+    eager = _evaluate_twice("gpu", False)
+    assert _metrics(graphs[0]) == _metrics(graphs[1]) == _metrics(eager[1])

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dtop.checkpoint import load_model_weights
-from dtop.cli.common import cli, describe_cfg, hydra_app, json_safe, use_checkpoint_config, write_json
+from dtop.cli.common import cli, describe_cfg, hydra_app, json_safe, log, use_checkpoint_config, write_json
 from dtop.errors import ConfigError
 from dtop.losses import cross_entropy
 from dtop.models.engine import Segmentor, SegOutput
@@ -77,14 +77,28 @@ def graph_ms(fn: Callable[[], Any], reps: int = 20, rounds: int = 7) -> float:
     return statistics.median(timer(graph.replay) for _ in range(rounds)) / reps
 
 
-def _measure(fn: Callable[[int], Any], warmup: int, iters: int, device: torch.device) -> dict[str, float]:
+def _measure(
+    fn: Callable[[int], Any],
+    warmup: int,
+    iters: int,
+    device: torch.device,
+    prepare: Callable[[int], Any] | None = None,
+) -> dict[str, float]:
+    """Median milliseconds of ``fn(i)`` over ``iters`` calls after ``warmup``; ``prepare(i)`` runs before
+    each call, outside the timed region."""
     timer = _timer(device)
+    prepare = prepare or (lambda i: None)
+
+    def call(i: int) -> float:
+        prepare(i)
+        return timer(lambda: fn(i))
+
     for i in range(warmup):
-        fn(i)
+        call(i)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = [timer(lambda i=i: fn(warmup + i)) for i in range(iters)]
+    times = [call(warmup + i) for i in range(iters)]
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
     return {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times), "peak_mib": peak}
 
@@ -124,7 +138,7 @@ def _real_images(cfg: DictConfig, model: Segmentor, batch: int, size: tuple[int,
     ds = dm.val_dataset
     n = min(len(ds), batch * pool)
     if n < batch:
-        raise ValueError(f"The val split has {len(ds)} images, fewer than batch_size={batch}.")
+        raise ConfigError(f"The val split has {len(ds)} images, fewer than batch_size={batch}: lower batch_size.")
     imgs = [F.interpolate(ds[i]["image"][None], size=size, mode="bilinear", align_corners=False)[0] for i in range(n)]
     return [torch.stack(imgs[j : j + batch]) for j in range(0, n - batch + 1, batch)]
 
@@ -154,22 +168,26 @@ class Decisions:
     for the configured policy, or recorded keep masks (the ablation without grading or context)."""
 
     def __init__(self, model: Segmentor, cfg: DictConfig, batch: int, size: tuple[int, int], device: torch.device):
-        self.model, self.kind = model, "model" if cfg.ckpt_path else str(cfg.decisions)
-        if self.kind not in ("model", "synthetic", "recorded"):
+        if not cfg.ckpt_path and cfg.decisions not in ("synthetic", "recorded"):
             raise ConfigError(
-                f"decisions must be 'synthetic' or 'recorded' (or give ckpt_path); got {cfg.decisions!r}."
+                f"decisions must be 'synthetic' or 'recorded' without a checkpoint (ckpt_path= gives the model's "
+                f"own decisions on val images); got {cfg.decisions!r}."
             )
-        self.policy = model.pruning
+        self.model, self.policy = model, model.pruning
+        self.kind = "model" if cfg.ckpt_path else "dense" if not model.aux_heads else str(cfg.decisions)
+        self.summary = f"keep {list(cfg.keep)} ± {cfg.keep_spread}"
         self.masks: list[list[torch.Tensor]] = []
         self.grades: SyntheticGrades | None = None
         self.recorded: RecordedDecisions | None = None
-        if self.kind == "model":
+        if self.kind in ("model", "dense"):
             return
         if len(cfg.keep) != len(model.aux_heads):
             raise ConfigError(
                 f"keep has {len(cfg.keep)} ratios for {len(model.aux_heads)} pruning stages (prune_layers "
                 f"{model.prune_layers}): give one cumulative keep ratio per stage."
             )
+        if not 0.0 < float(cfg.synthetic_threshold) <= 1.0:
+            raise ConfigError(f"synthetic_threshold must be in (0, 1]; got {cfg.synthetic_threshold}.")
         p = model.backbone.patch_size
         N = (-(-size[0] // p)) * (-(-size[1] // p))
         g = torch.Generator().manual_seed(int(cfg.seed))
@@ -180,33 +198,38 @@ class Decisions:
             self.policy.set_threshold(float(cfg.synthetic_threshold))
         self.grades = SyntheticGrades(model.aux_heads, self.masks[0], model.num_classes, generator=g).to(device)
         self.recorded = RecordedDecisions(self.masks[0])
-        if self.kind == "recorded":
-            self.use_recorded(True)
+        self.use_recorded(self.kind == "recorded")
 
     def use_recorded(self, recorded: bool) -> None:
-        """Switch between the configured policy on synthetic grades and recorded masks (same keep sets)."""
+        """Switch between the configured policy on synthetic grades and recorded masks (same keep sets);
+        the grades' hooks are on only while the policy reads them."""
         if self.recorded is None:
             return
         self.model.pruning = self.recorded if recorded else self.policy
         self.kind = "recorded" if recorded else "synthetic"
+        if recorded:
+            self.grades.remove()
+        else:
+            self.grades.attach()
 
     def set(self, i: int) -> None:
-        if not self.masks:
-            return
-        masks = self.masks[i % len(self.masks)]
-        self.grades.set_keep(masks)
-        self.recorded.set_keep(masks)
+        """Batch ``i``'s keep masks, copied into what reads them now (outside the timed region)."""
+        if self.masks:
+            masks = self.masks[i % len(self.masks)]
+            (self.recorded if self.kind == "recorded" else self.grades).set_keep(masks)
 
-    def describe(self, cfg: DictConfig) -> str:
+    def describe(self) -> str:
         if self.kind == "model":
             return "the checkpoint's own, on distinct val images"
-        return f"{self.kind}: keep {list(cfg.keep)} ± {cfg.keep_spread}"
+        return "none: a dense model" if self.kind == "dense" else f"{self.kind}: {self.summary}"
 
 
 def bench(cfg: DictConfig) -> dict[str, Any]:
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[cfg.dtype]
     B, size = int(cfg.batch_size), (int(cfg.input_size[0]), int(cfg.input_size[1]))
+    if int(cfg.pool) < 1 or B < 1:
+        raise ConfigError(f"pool and batch_size must be at least 1; got pool={cfg.pool}, batch_size={B}.")
     model: Segmentor = instantiate(cfg.model).to(device)
     real = None
     if cfg.ckpt_path:
@@ -235,10 +258,11 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
     def forward(images: torch.Tensor) -> SegOutput:
         return graphed(images) if graphed is not None else model(images, keep_stages=False)
 
+    cast = [im.to(infer_dtype) for im in inputs.images]  # once, not in the timed calls
+
     def infer(i: int, dense: bool, upsample: bool = True) -> None:
         """``segment`` (labels at the input size: what a user gets), or the forward alone (token-grid logits)."""
-        decisions.set(i)
-        images = inputs(i)[0].to(infer_dtype)
+        images = cast[i % len(cast)]
         with torch.no_grad(), infer_autocast, model.dense_mode() if dense else nullcontext():
             if upsample:
                 runner.segment(images)
@@ -269,19 +293,19 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         "precision": cfg.precision,
         "cuda_graphs": graphed is not None,
         "graph_vs_eager_rel_diff": graph_diff,
-        "decisions": decisions.describe(cfg),
+        "decisions": decisions.describe(),
         "distinct_batches": len(inputs),
     }
     warmup = max(int(cfg.warmup), len(inputs))  # every batch of the pool (and its graphs) seen before timing
     dense_t = _measure(lambda i: infer(i, True), warmup, cfg.iters, device)
-    pruned_t = _measure(lambda i: infer(i, False), warmup, cfg.iters, device)
+    pruned_t = _measure(lambda i: infer(i, False), warmup, cfg.iters, device, decisions.set)
     dense_fwd = _measure(lambda i: infer(i, True, False), warmup, cfg.iters, device)
-    pruned_fwd = _measure(lambda i: infer(i, False, False), warmup, cfg.iters, device)
+    pruned_fwd = _measure(lambda i: infer(i, False, False), warmup, cfg.iters, device, decisions.set)
     macs, tokens = [], []
     with torch.no_grad(), infer_autocast:
         for i in range(len(inputs)):
             decisions.set(i)
-            out = forward(inputs(i)[0].to(infer_dtype))
+            out = forward(cast[i])
             macs.append(float(out.stats["macs"].mean()))
             tokens.append(out.stats["tokens_per_stage"].float().mean(0))
     dense_macs = model.dense_macs(*size)[0]
@@ -305,21 +329,27 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         "dense_peak_mib": dense_t["peak_mib"],
         "pruned_peak_mib": pruned_t["peak_mib"],
     }
-    if cfg.compile_dense and device.type == "cuda":
-        inf.update(_bench_compiled_dense(model, inputs, infer_dtype, infer_autocast, warmup, cfg.iters, device))
+    if cfg.compile_dense and device.type != "cuda":
+        log.warning("compile_dense: skipped on the CPU (it times torch.compile's CUDA graphs).")
+    elif cfg.compile_dense:
+        inf.update(_bench_compiled_dense(model, cast, infer_autocast, warmup, cfg.iters, device))
     if "compiled_dense_ms" in inf:
         best = min(inf["dense_ms"], inf["compiled_dense_ms"])
         inf["best_dense_ms"] = best
         inf["efficiency_vs_best_dense"] = gmacs_ratio * best / inf["pruned_ms"]
     if cfg.ablation_recorded and decisions.recorded is not None and decisions.kind == "synthetic":
         decisions.use_recorded(True)
-        rec_t = _measure(lambda i: infer(i, False), warmup, cfg.iters, device)
+        rec_t = _measure(lambda i: infer(i, False), warmup, cfg.iters, device, decisions.set)
         decisions.use_recorded(False)
         inf["recorded_pruned_ms"] = rec_t["ms"]
     result["inference"] = inf
     if cfg.train_step:
         if train_model is not model:
-            del model
+            if decisions.grades is not None:
+                decisions.grades.remove()
+            del model, runner, graphed, decisions, cast  # the inference copy and its graphs' memory pool
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             train_model.to(device)
             decisions = Decisions(train_model, cfg, B, size, device)
         result["train"] = _bench_train(cfg, train_model, inputs, autocast, device, decisions)
@@ -328,8 +358,7 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
 
 def _bench_compiled_dense(
     model: Segmentor,
-    inputs: Inputs,
-    dtype: torch.dtype,
+    images: list[torch.Tensor],
     autocast: Any,
     warmup: int,
     iters: int,
@@ -337,17 +366,25 @@ def _bench_compiled_dense(
 ) -> dict[str, float]:
     """The dense model under ``torch.compile`` (mode ``max-autotune-no-cudagraphs`` would tune longer;
     ``reduce-overhead`` adds CUDA graphs, so it is the fastest dense a user gets without writing kernels).
-    Labels at the input size are formed as for the other columns."""
-    size = tuple(inputs(0)[0].shape[-2:])
+    Labels at the input size are formed as for the other columns (from fp32 token-grid logits)."""
+    size = tuple(images[0].shape[-2:])
     if any(n % model.backbone.patch_size for n in size):
-        return {}  # the plain dense forward takes whole patches only
+        log.warning("compile_dense: skipped, the input size %s is not a multiple of the patch size.", size)
+        return {}
     compiled = torch.compile(_plain_dense(model), mode="reduce-overhead", dynamic=False)
 
     def run(i: int) -> None:
         with torch.no_grad(), autocast:
-            logits, presence = compiled(inputs(i)[0].to(dtype))
+            logits, presence = compiled(images[i % len(images)])
             out = SegOutput(
-                logits.clone(), None if presence is None else presence.clone(), [], [], {}, None, size, size
+                logits.to(torch.float32, copy=True),
+                None if presence is None else presence.clone(),
+                [],
+                [],
+                {},
+                None,
+                size,
+                size,
             )
             model.labels(out)
 
@@ -374,7 +411,6 @@ def _bench_train(
     macs: dict[bool, list[float]] = {True: [], False: []}
 
     def step(i: int, dense: bool) -> None:
-        decisions.set(i)
         images, labels = inputs(i)
         with autocast, model.dense_mode() if dense else nullcontext():
             out = model(images)
@@ -386,7 +422,7 @@ def _bench_train(
         opt.zero_grad(set_to_none=True)
 
     dense_t = _measure(lambda i: step(i, True), cfg.warmup, cfg.iters, device)
-    pruned_t = _measure(lambda i: step(i, False), cfg.warmup, cfg.iters, device)
+    pruned_t = _measure(lambda i: step(i, False), cfg.warmup, cfg.iters, device, decisions.set)
     model.eval()
     return {
         "dense_ms": dense_t["ms"],

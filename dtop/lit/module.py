@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from dtop.checkpoint import KEY as CHECKPOINT_KEY
@@ -75,6 +76,8 @@ class SegModule(L.LightningModule):
         self.run_config = dict(run_config or {})  # stored in every checkpoint (dtop.checkpoint)
         if trainable not in ("all", "heads"):
             raise ValueError(f"trainable must be 'all' or 'heads', got {trainable!r}.")
+        if cuda_graphs not in (True, False, "auto"):
+            raise ConfigError(f"module.cuda_graphs must be true, false or auto; got {cuda_graphs!r}.")
         if eval_mode not in ("whole", "slide"):
             raise ValueError(f"eval_mode must be 'whole' or 'slide', got {eval_mode!r}.")
         if model.num_classes != num_classes:
@@ -269,10 +272,12 @@ class SegModule(L.LightningModule):
 
     def _eval_step(self, batch: dict[str, Any], metrics: SegMetrics) -> None:
         images, target = batch["image"], batch["label"]
+        captured = self._graphed.captured if self._graphed is not None else 0
         start = self._clock()
         pred, stats = self._infer(images, tuple(target.shape[-2:]))
-        self._infer_time += self._clock() - start
-        self._infer_images += images.shape[0]
+        if self._graphed is None or self._graphed.captured == captured:  # images/s without graph captures
+            self._infer_time += self._clock() - start
+            self._infer_images += images.shape[0]
         metrics.update(pred, target)
         valid = target != self.hparams.ignore_index
         correct = ((pred == target) & valid).flatten(1).sum(1).float()
@@ -317,19 +322,30 @@ class SegModule(L.LightningModule):
         return self._graphed if self._graphed is not None else self.model
 
     def _use_graphs(self) -> None:
-        """Evaluation on a GPU replays CUDA graphs (``cuda_graphs`` "auto" or true); the graphs apply under
-        16-bit precision and run eagerly otherwise (:class:`GraphedSegmentor` decides per call)."""
+        """Evaluation on a GPU replays CUDA graphs: "auto" in test/validate runs (dtop-eval, the test after
+        training, calibration, sweeps), true also in the validation loops of training. The graphs apply
+        under 16-bit precision and run eagerly otherwise (:class:`GraphedSegmentor` decides per call)."""
         mode = self.hparams.cuda_graphs
-        if mode not in (True, False, "auto"):
-            raise ConfigError(f"module.cuda_graphs must be true, false or auto; got {mode!r}.")
-        if mode and self.device.type == "cuda" and self._graphed is None:
+        fitting = self.trainer.state.fn == TrainerFn.FITTING
+        if self.device.type == "cuda" and (mode is True or (mode == "auto" and not fitting)):
             self._graphed = GraphedSegmentor(self.model)
+
+    def _drop_graphs(self) -> None:
+        """Graphs read the weights' and buffers' addresses: Lightning may move the model between loops, so
+        each loop captures its own, and training never keeps their memory pool."""
+        self._graphed = None
 
     def on_test_start(self) -> None:
         self._use_graphs()
 
+    def on_test_end(self) -> None:
+        self._drop_graphs()
+
     def on_validation_start(self) -> None:
         self._use_graphs()
+
+    def on_validation_end(self) -> None:
+        self._drop_graphs()
 
     def on_validation_epoch_start(self) -> None:
         self.per_image, self.visuals = [], []

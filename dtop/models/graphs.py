@@ -229,6 +229,11 @@ class GraphedSegmentor:
         self.model = model
         self.graphs = StageGraphs(bucket, max_graphs, capture)
 
+    @property
+    def captured(self) -> int:
+        """How many graphs have been captured so far (a call that captures also times the capture)."""
+        return len(self.graphs.graphs)
+
     def replayable(self, images: Tensor) -> bool:
         half = (torch.float16, torch.bfloat16)
         amp = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in half

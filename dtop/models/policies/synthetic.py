@@ -47,9 +47,14 @@ class SyntheticGrades:
         palette = torch.rand(B, num_classes, generator=generator).argsort(1)[:, : min(classes_per_image, num_classes)]
         pick = torch.randint(0, palette.shape[1], (B, N), generator=generator)
         self.cls = palette.gather(1, pick).to(self.keep[0].device)  # [B, N] the class a confident token shows
-        self.handles: list[RemovableHandle] = [
-            head.register_forward_hook(self._hook(stage)) for stage, head in enumerate(aux_heads)
-        ]
+        self.aux_heads = list(aux_heads)
+        self.handles: list[RemovableHandle] = []
+        self.attach()
+
+    def attach(self) -> None:
+        """Override the aux heads' outputs (again, after :meth:`remove`)."""
+        if not self.handles:
+            self.handles = [head.register_forward_hook(self._hook(s)) for s, head in enumerate(self.aux_heads)]
 
     def set_keep(self, keep: Sequence[Tensor]) -> None:
         for old, new in zip(self.keep, keep, strict=True):
@@ -61,8 +66,10 @@ class SyntheticGrades:
         return self
 
     def remove(self) -> None:
+        """Give the aux heads their own outputs back."""
         for handle in self.handles:
             handle.remove()
+        self.handles = []
 
     def _hook(self, stage: int):  # noqa: ANN202 - a forward hook
         def hook(module: nn.Module, args: tuple, out: HeadOutput) -> HeadOutput:
