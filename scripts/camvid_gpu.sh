@@ -38,7 +38,7 @@ if [ "$stage" = evalspeed ]; then
   python -m dtop.cli.train experiment=camvid_dense_fcn "${paths[@]}" trainer.max_steps=${STEPS:-3000} \
     hydra.run.dir=$dense_dir > "$out/dense.log" 2>&1 || { tail -30 "$out/dense.log"; exit 1; }
   for bs in 1 16; do
-    for g in true false; do
+    for g in ${GRAPHS:-true false}; do
       for thr in 1.0 ${EVAL_THR:-0.98}; do
         d=logs/camvid/evalspeed/xi${thr}_graphs-${g}_b$bs
         python -m dtop.cli.evaluate ckpt_path=$ck "${paths[@]}" model.pruning.threshold=$thr module.cuda_graphs=$g \
