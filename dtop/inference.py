@@ -8,13 +8,14 @@ numbers are comparable with published mmseg results.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from dtop.ops.resize import resize_bilinear
 
-__all__ = ["resize_logits", "slide_inference", "slide_windows", "stitch_exit_maps"]
+__all__ = ["MAC_KINDS", "infer_labels", "resize_logits", "slide_inference", "slide_windows", "stitch_exit_maps"]
 
 
 def resize_logits(logits: Tensor, size: Sequence[int]) -> Tensor:
@@ -107,3 +108,54 @@ def stitch_exit_maps(
     ys = (torch.arange(0, height, patch) + patch // 2).clamp(max=height - 1)
     xs = (torch.arange(0, width, patch) + patch // 2).clamp(max=width - 1)
     return pixels[:, ys][:, :, xs]
+
+
+MAC_KINDS = ("", "_linear", "_mmcv")  # the conventions of dtop.models.macs: macs, macs_linear, macs_mmcv
+_SUMMED = (
+    "tokens_per_stage",
+    "exits_per_stage",
+    "exits_per_class",
+    *(f"macs{kind}{dense}" for kind in MAC_KINDS for dense in ("", "_dense")),
+)
+
+
+def infer_labels(
+    model: Any,
+    run: Any,
+    images: Tensor,
+    size: tuple[int, int],
+    slide: tuple[Sequence[int], Sequence[int]] | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Pixel labels at ``size`` and per-image stats summed over slide windows (``slide``: crop and stride;
+    None: the whole image), with each crop's dense MACs beside its own (``macs*_dense``) and the window count.
+
+    ``model`` is a :class:`~dtop.models.engine.Segmentor` and ``run`` the model or its
+    :class:`~dtop.models.graphs.GraphedSegmentor` (this layer does not import models). Evaluation and
+    ``dtop-predict`` share it, so a prediction is what the metrics measured.
+    """
+    collected: list[dict[str, Tensor]] = []
+
+    def collect(crop: Tensor, stats: dict[str, Tensor]) -> None:
+        for kind, value in zip(MAC_KINDS, model.dense_macs(*crop.shape[-2:]), strict=True):
+            stats[f"macs{kind}_dense"] = torch.full_like(stats["macs"], value)
+        collected.append(stats)
+
+    def forward(crop: Tensor) -> Tensor:
+        scores, out = run.predict(crop)
+        collect(crop, out.stats)
+        return scores
+
+    if slide is None and tuple(images.shape[-2:]) == size:  # labels straight from the token grid, no score maps
+        labels, out = run.segment(images)
+        collect(images, out.stats)
+        return labels, {**out.stats, "windows": torch.ones_like(out.stats["macs"])}
+    scores = forward(images) if slide is None else slide_inference(forward, images, model.num_classes, *slide)
+    stats = {k: torch.stack([c[k] for c in collected]).sum(0) for k in _SUMMED}
+    stats["windows"] = torch.full_like(stats["macs"], len(collected))
+    if slide is None:
+        stats["exit_stage"] = collected[0]["exit_stage"]
+    else:
+        windows = slide_windows(*images.shape[-2:], *slide)
+        maps = [c["exit_stage"] for c in collected]
+        stats["exit_stage"] = stitch_exit_maps(maps, windows, images.shape[-2:], model.backbone.patch_size)
+    return resize_logits(scores, size).argmax(1), stats

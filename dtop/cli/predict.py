@@ -36,14 +36,12 @@ from dtop.cli.trained import data_info, load_trained
 from dtop.data.datasets.filelist import read_image
 from dtop.data.transforms import keep_ratio_size
 from dtop.errors import ConfigError, DtopError
-from dtop.inference import resize_logits, slide_inference, slide_windows, stitch_exit_maps
+from dtop.inference import MAC_KINDS, infer_labels
 from dtop.models.engine import Segmentor
 from dtop.models.graphs import GraphedSegmentor
 from dtop.viz import colorize, exit_map_pixels, stage_colors, stage_names
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-MAC_KINDS = ("", "_linear", "_mmcv")
-SUMMED = ("tokens_per_stage", "exits_per_stage", "macs", "macs_linear", "macs_mmcv", "macs_dense")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -112,42 +110,6 @@ def model_input(image: Tensor, size: tuple[int, int], mean: Sequence[float], std
     if tuple(image.shape[-2:]) != size:
         image = TF.resize(image, list(size), interpolation=InterpolationMode.BILINEAR, antialias=False)
     return TF.normalize(TF.to_dtype(image, torch.float32, scale=True), list(mean), list(std))
-
-
-def infer(
-    model: Segmentor,
-    run: Segmentor | GraphedSegmentor,
-    images: Tensor,
-    size: tuple[int, int],
-    slide: tuple[Sequence[int], Sequence[int]] | None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Labels at ``size`` and per-image stats (summed over slide windows), as dtop-eval infers (``run``:
-    the model or its CUDA-graph runner)."""
-    collected: list[dict[str, Tensor]] = []
-
-    def forward(crop: Tensor) -> Tensor:
-        scores, out = run.predict(crop)
-        out.stats["macs_dense"] = torch.full_like(out.stats["macs"], model.dense_macs(*crop.shape[-2:])[0])
-        collected.append(out.stats)
-        return scores
-
-    if slide is None and tuple(images.shape[-2:]) == size:  # labels straight from the token grid
-        labels, out = run.segment(images)
-        out.stats["macs_dense"] = torch.full_like(out.stats["macs"], model.dense_macs(*size)[0])
-        return labels, {**out.stats, "windows": torch.ones_like(out.stats["macs"])}
-    if slide is None:
-        scores = forward(images)
-    else:
-        scores = slide_inference(forward, images, model.num_classes, *slide)
-    stats = {k: torch.stack([c[k] for c in collected]).sum(0) for k in SUMMED}
-    stats["windows"] = torch.full_like(stats["macs"], len(collected))
-    if slide is None:
-        stats["exit_stage"] = collected[0]["exit_stage"]
-    else:
-        windows = slide_windows(*images.shape[-2:], *slide)
-        maps = [c["exit_stage"] for c in collected]
-        stats["exit_stage"] = stitch_exit_maps(maps, windows, images.shape[-2:], model.backbone.patch_size)
-    return resize_logits(scores, size).argmax(1), stats
 
 
 def batches(items: list[Item], batch_size: int) -> list[list[Item]]:
@@ -219,7 +181,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
             _wait(device)
             start = time.perf_counter()
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                labels, stats = infer(model, run, torch.stack(inputs).to(device), batch[0].size, slide)
+                labels, stats = infer_labels(model, run, torch.stack(inputs).to(device), batch[0].size, slide)
             _wait(device)
             ms = 1000 * (time.perf_counter() - start) / len(batch)
             labels, stats = labels.cpu(), {k: v.cpu() for k, v in stats.items()}

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from dtop.checkpoint import KEY as CHECKPOINT_KEY
 from dtop.checkpoint import load_model_weights
 from dtop.errors import ConfigError
-from dtop.inference import resize_logits, slide_inference, slide_windows, stitch_exit_maps
+from dtop.inference import MAC_KINDS, infer_labels
 from dtop.lit.distributed import eval_loader_sampler, gather_eval_rows, gather_eval_visuals
 from dtop.losses import feature_mse, kl_distillation
 from dtop.metrics import SegMetrics, format_metrics
@@ -23,8 +23,6 @@ from dtop.models.engine import Segmentor, SegOutput
 from dtop.models.graphs import GraphedSegmentor
 from dtop.ops.resize import resize_bilinear
 from dtop.version import dtop_version
-
-MAC_KINDS = ("", "_linear", "_mmcv")  # the conventions of dtop.models.macs: macs, macs_linear, macs_mmcv
 
 
 class SegModule(L.LightningModule):
@@ -225,44 +223,8 @@ class SegModule(L.LightningModule):
     def _infer(self, images: Tensor, size: tuple[int, int]) -> tuple[Tensor, dict[str, Tensor]]:
         """Pixel labels at ``size`` plus per-image stats summed over slide windows."""
         hp = self.hparams
-        collected: list[dict[str, Tensor]] = []
-
-        def collect(crop: Tensor, out: SegOutput) -> None:
-            for kind, value in zip(MAC_KINDS, self.model.dense_macs(*crop.shape[-2:]), strict=True):
-                out.stats[f"macs{kind}_dense"] = torch.full_like(out.stats["macs"], value)
-            collected.append(out.stats)
-
-        def forward(crop: Tensor) -> Tensor:
-            scores, out = self._inference.predict(crop)
-            collect(crop, out)
-            return scores
-
-        whole = hp.eval_mode == "whole" or hp.crop_size is None
-        if whole and tuple(images.shape[-2:]) == size:  # labels straight from the token grid, no score maps
-            labels, out = self._inference.segment(images)
-            collect(images, out)
-            return labels, {**collected[0], "windows": torch.ones_like(out.stats["macs"])}
-        if whole:
-            out = forward(images)
-            return resize_logits(out, size).argmax(1), {
-                **collected[0],
-                "windows": torch.ones_like(collected[0]["macs"]),
-            }
-        crop, stride = tuple(hp.crop_size), tuple(hp.stride)
-        scores = slide_inference(forward, images, self.model.num_classes, crop, stride)
-        keys = (
-            "tokens_per_stage",
-            "exits_per_stage",
-            "exits_per_class",
-            *(f"macs{kind}{dense}" for kind in MAC_KINDS for dense in ("", "_dense")),
-        )
-        stats = {k: torch.stack([c[k] for c in collected]).sum(0) for k in keys}
-        stats["windows"] = torch.full_like(stats["macs"], len(collected))
-        windows = slide_windows(*images.shape[-2:], crop, stride)
-        stats["exit_stage"] = stitch_exit_maps(
-            [c["exit_stage"] for c in collected], windows, images.shape[-2:], self.model.backbone.patch_size
-        )
-        return resize_logits(scores, size).argmax(1), stats
+        slide = None if hp.eval_mode == "whole" or hp.crop_size is None else (hp.crop_size, hp.stride)
+        return infer_labels(self.model, self._inference, images, size, slide)
 
     def _clock(self) -> float:
         """Seconds, once the device has finished what it was given (so intervals time the GPU's work)."""
