@@ -12,9 +12,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from dtop.models.build import build_segmentor
 from dtop.models.heads.fcn import FCNHead
 from dtop.models.packed import TokenStream
-from dtop.models.policies import DoViT, DToP, topk_per_group
+from dtop.models.policies import DoViT, DToP
 from dtop.models.vit import ViTBackbone
 from dtop.ops.attention import segment_attention
+from dtop.ops.context import topk_per_group
 from tests.tolerance import assert_reordered_close, rel_err, reorder_rel
 
 K = 5

@@ -8,7 +8,7 @@
 
 from dtop.models.policies.base import Decision, Policy
 from dtop.models.policies.dovit import DoViT
-from dtop.models.policies.dtop import CONTEXT_POLICIES, DToP, topk_per_group
+from dtop.models.policies.dtop import CONTEXT_POLICIES, DToP
 from dtop.models.policies.recorded import RecordedDecisions, random_keep_masks
 
 __all__ = [
@@ -19,5 +19,4 @@ __all__ = [
     "Policy",
     "RecordedDecisions",
     "random_keep_masks",
-    "topk_per_group",
 ]

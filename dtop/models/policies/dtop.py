@@ -25,37 +25,10 @@ from dtop.models.heads.base import SegHead
 from dtop.models.packed import Extra, TokenStream
 from dtop.models.policies.base import Decision, Policy
 from dtop.models.state import RunState
+from dtop.ops.context import topk_context, topk_per_group
 from dtop.ops.grade import Grades
 
 CONTEXT_POLICIES = ("topk", "remove", "average", "avg_topk", "fixed_ratio")
-
-
-def _sort_key(key: Tensor, bound: int) -> Tensor:
-    """``key`` (values in [0, bound]) in the narrowest integer dtype that holds it.
-
-    GPU radix sorts make one pass per key byte, so a narrow key sorts in fewer passes.
-    """
-    for dtype in (torch.uint8, torch.int16, torch.int32):
-        if bound <= torch.iinfo(dtype).max:
-            return key.to(dtype)
-    return key
-
-
-def topk_per_group(group: Tensor, score: Tensor, k: int | Tensor, num_groups: int) -> Tensor:
-    """Mark the ``k`` highest-scoring members of every group, vectorised over all groups.
-
-    ``group`` holds ids in [0, num_groups], where ``num_groups`` means "in no group"; ``k`` is one
-    number or one per group id ([num_groups + 1]).
-    """
-    order = torch.argsort(score, descending=True, stable=True)
-    order = order[torch.argsort(_sort_key(group[order], num_groups), stable=True)]
-    g = group[order]
-    counts = torch.zeros(num_groups + 1, dtype=torch.long, device=group.device).index_add_(0, g, torch.ones_like(g))
-    starts = counts.cumsum(0) - counts
-    rank = torch.arange(g.numel(), device=g.device) - starts[g]
-    limit = k[g] if isinstance(k, Tensor) else k
-    chosen = (rank < limit) & (g < num_groups)
-    return torch.zeros_like(chosen).index_put((order,), chosen)
 
 
 def graded_tokens(stream: TokenStream, head: SegHead) -> tuple[Tensor | None, TokenStream]:
@@ -111,12 +84,7 @@ class DToP(Policy):
         final = self.context in ("remove", "average")
         g = state.grade(out, head, ps, stage, self.threshold_at(stage, num_aux), self._mask(stage, ps), final)
         state.snapshot(state.canvas, out.presence)
-        if g.keep is None:  # the context rule picks which easy tokens exit
-            exits = self._context_exits(g, ps, state.num_classes)
-            state.mark_exits(state.flat(ps), exits, stage)
-            kept = ~exits
-        else:
-            kept = g.keep
+        kept = self._context_keep(g, ps, state, stage) if g.keep is None else g.keep
         summary = self._summaries(ps, g, state.num_classes) if self.context in ("average", "avg_topk") else None
         return stream, self._over_stream(stream, idx, kept), summary
 
@@ -124,19 +92,23 @@ class DToP(Policy):
         """A recorded keep mask [n, N] that decides which tokens are easy, instead of the threshold."""
         return None
 
-    def _context_exits(self, g: Grades, ps: TokenStream, K: int) -> Tensor:
-        """The easy tokens that leave, once the context rule kept some of them as context."""
-        if self.context == "fixed_ratio":
-            patch = ps.pos >= 0
-            n_patch = torch.zeros(ps.batch_size, dtype=torch.long, device=g.conf.device).index_add_(
-                0, ps.batch, patch.long()
+    def _context_keep(self, g: Grades, ps: TokenStream, state: RunState, stage: int) -> Tensor:
+        """The keep mask over the graded tokens once the context rule kept some easy ones as context
+        (the others exit at ``stage``)."""
+        rows = state.flat(ps)
+        if self.context != "fixed_ratio":  # topk / avg_topk: the k most confident of each (image, class)
+            return topk_context(
+                g.conf, g.cls, g.easy, ps.batch, ps.cu_seqlens, state.num_classes, self.k, rows, state.exit_stage, stage
             )
-            quota = (n_patch.double() * self.ratio).floor().long()
-            group = torch.where(patch, ps.batch, ps.batch_size)
-            return topk_per_group(group, g.conf, F.pad(quota, (0, 1)), ps.batch_size)
-        G = ps.batch_size * K  # one group per (image, predicted class)
-        group = torch.where(g.easy, ps.batch * K + g.cls, torch.full_like(g.cls, G))
-        return g.easy & ~topk_per_group(group, g.conf, self.k, G)
+        patch = ps.pos >= 0
+        n_patch = torch.zeros(ps.batch_size, dtype=torch.long, device=g.conf.device).index_add_(
+            0, ps.batch, patch.long()
+        )
+        quota = (n_patch.double() * self.ratio).floor().long()
+        group = torch.where(patch, ps.batch, ps.batch_size)
+        exits = topk_per_group(group, g.conf, F.pad(quota, (0, 1)), ps.batch_size)
+        state.mark_exits(rows, exits, stage)
+        return ~exits
 
     @staticmethod
     def _over_stream(stream: TokenStream, idx: Tensor | None, kept: Tensor) -> Tensor:

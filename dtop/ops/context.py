@@ -1,0 +1,89 @@
+"""DToP's context rule (Sec. 3.4): of the easy tokens, the ``k`` most confident of each (image, class) stay.
+
+Reference: two stable sorts rank every easy token within its group, a few PyTorch ops mark the exits.
+Fast path (CUDA, a plain ``k``): one Triton kernel, :mod:`dtop.kernels.context`, that ranks each easy
+token by counting the easy tokens of its image and class that beat it, marks the exits and writes the
+keep mask — the sorts, gathers and scatters were ~20 kernels per stage, as much time as the pruned
+layers saved at small batches.
+
+A token beats another when it is more confident, or equally confident and earlier in the stream (the
+order a stable descending sort gives), so both paths keep the very same tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dtop.kernels import load
+from dtop.ops.grade import mark_exits
+
+
+def _sort_key(key: Tensor, bound: int) -> Tensor:
+    """``key`` (values in [0, bound]) in the narrowest integer dtype that holds it.
+
+    GPU radix sorts make one pass per key byte, so a narrow key sorts in fewer passes.
+    """
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        if bound <= torch.iinfo(dtype).max:
+            return key.to(dtype)
+    return key
+
+
+def topk_per_group(group: Tensor, score: Tensor, k: int | Tensor, num_groups: int) -> Tensor:
+    """Mark the ``k`` highest-scoring members of every group, vectorised over all groups.
+
+    ``group`` holds ids in [0, num_groups], where ``num_groups`` means "in no group"; ``k`` is one
+    number or one per group id ([num_groups + 1]). Equal scores rank in stream order.
+    """
+    order = torch.argsort(score, descending=True, stable=True)
+    order = order[torch.argsort(_sort_key(group[order], num_groups), stable=True)]
+    g = group[order]
+    counts = torch.zeros(num_groups + 1, dtype=torch.long, device=group.device).index_add_(0, g, torch.ones_like(g))
+    starts = counts.cumsum(0) - counts
+    rank = torch.arange(g.numel(), device=g.device) - starts[g]
+    limit = k[g] if isinstance(k, Tensor) else k
+    chosen = (rank < limit) & (g < num_groups)
+    return torch.zeros_like(chosen).index_put((order,), chosen)
+
+
+def topk_context_reference(
+    conf: Tensor,
+    cls: Tensor,
+    easy: Tensor,
+    batch: Tensor,
+    num_images: int,
+    num_classes: int,
+    k: int,
+    rows: Tensor,
+    exit_stage: Tensor,
+    stage: int,
+) -> Tensor:
+    """The keep mask over graded tokens once the easy ones left, except the ``k`` most confident of each
+    (image ``batch``, class ``cls``); the leaving tokens' exit stage (at ``rows``) becomes ``stage``."""
+    G = num_images * num_classes
+    group = torch.where(easy, batch * num_classes + cls, torch.full_like(cls, G))
+    exits = easy & ~topk_per_group(group, conf, k, G)
+    mark_exits(exit_stage, rows, exits, stage)
+    return ~exits
+
+
+def topk_context(
+    conf: Tensor,
+    cls: Tensor,
+    easy: Tensor,
+    batch: Tensor,
+    cu_seqlens: Tensor,
+    num_classes: int,
+    k: int,
+    rows: Tensor,
+    exit_stage: Tensor,
+    stage: int,
+) -> Tensor:
+    """:func:`topk_context_reference`, as one kernel on CUDA. The tokens are in image segments
+    (``cu_seqlens`` [B + 1], ``batch`` non-decreasing), as a :class:`~dtop.models.packed.TokenStream` keeps them."""
+    kernel = load("context") if conf.is_cuda else None
+    if kernel is None:
+        B = cu_seqlens.shape[0] - 1
+        return topk_context_reference(conf, cls, easy, batch, B, num_classes, k, rows, exit_stage, stage)
+    return kernel.topk_context(conf, cls, easy, batch, cu_seqlens, k, rows, exit_stage, stage)
