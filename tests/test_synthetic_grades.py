@@ -80,3 +80,13 @@ def test_graph_programs_on_synthetic_grades_equal_eager(policy):
     _same(graph, eager)
     assert (eager.stats["tokens_per_stage"][:, -1] < N).all()  # tokens did leave
     grades.remove()
+
+
+def test_training_gradients_still_reach_the_aux_heads():
+    masks = _masks(5)
+    model = make_model(img_size=SIZE, policy=DToP(0.95)).train()
+    grades = SyntheticGrades(model.aux_heads, masks, K)
+    out = model(torch.randn(B, 3, *SIZE))
+    sum(m.float().sum() for m in out.stage_logits).backward()
+    assert all(p.grad is not None for p in model.aux_heads[0].parameters() if p.requires_grad)
+    grades.remove()

@@ -3,7 +3,7 @@
 Each program takes a tile of tokens and gives every easy one its rank in its (image, class) group by
 counting, over its image's segment, the easy tokens of the same class that beat it (more confident, or
 as confident and earlier). A token whose rank reaches ``k`` exits: its exit stage is written and its
-keep bit cleared. The work is quadratic in an image's active tokens, but it is a few compares per
+bit of the stream's keep mask cleared. The work is quadratic in an image's active tokens, but it is a few compares per
 pair in registers (8192 tokens, a 1024×2048 ViT image, are 67 M pairs: tens of microseconds), where
 the sorting reference is ~20 launches per stage. Tiles without an easy token, and blocks of the segment
 without one, are skipped.
@@ -23,19 +23,24 @@ ROWS = 32  # tokens ranked per program
 COLS = 64  # segment tokens compared per step
 
 
-@triton.jit(do_not_specialize=["T", "k", "stage"])
+@triton.jit(do_not_specialize=["T", "k", "num_patches", "trash", "stage"])
 def _topk_context(
     conf_ptr,
     cls_ptr,
     easy_ptr,
     batch_ptr,
+    pos_ptr,
     cu_ptr,
-    rows_ptr,
     exit_ptr,
+    idx_ptr,
+    stream_pos_ptr,
     keep_ptr,
     T,
     k,
+    num_patches,
+    trash,
     stage,
+    INDEXED: tl.constexpr,
     ROWS: tl.constexpr,
     COLS: tl.constexpr,
 ):
@@ -64,9 +69,15 @@ def _topk_context(
                 )
                 rank += tl.sum((same & better).to(tl.int32), 1)
         exits = easy_i & (rank >= k) & in_t
-        r = tl.load(rows_ptr + i, mask=exits, other=0)
-        tl.store(exit_ptr + r, tl.full([ROWS], 0, tl.int64) + stage, mask=exits)
-    tl.store(keep_ptr + i, (~exits).to(tl.int8), mask=in_t)
+        p = tl.load(pos_ptr + i, mask=exits, other=-1)
+        row = tl.where(p >= 0, b_i * num_patches + p, trash)
+        tl.store(exit_ptr + row, tl.full([ROWS], 0, tl.int64) + stage, mask=exits)
+    if INDEXED:  # the graded tokens are the stream's tokens idx
+        s = tl.load(idx_ptr + i, mask=in_t, other=0)
+    else:
+        s = i
+    special = tl.load(stream_pos_ptr + s, mask=in_t, other=0) < 0
+    tl.store(keep_ptr + s, (~exits | special).to(tl.int8), mask=in_t)
 
 
 def topk_context(
@@ -74,28 +85,40 @@ def topk_context(
     cls: Tensor,
     easy: Tensor,
     batch: Tensor,
+    pos: Tensor,
     cu_seqlens: Tensor,
     k: int,
-    rows: Tensor,
+    num_patches: int,
     exit_stage: Tensor,
     stage: int,
+    idx: Tensor | None,
+    stream_pos: Tensor,
 ) -> Tensor:
-    """The keep mask over the graded tokens: see :func:`dtop.ops.context.topk_context_reference`."""
+    """The keep mask over the stream: see :func:`dtop.ops.context.topk_context_reference`."""
     T = conf.shape[0]
-    keep = torch.empty(T, dtype=torch.bool, device=conf.device)
+    dev = conf.device
+    # tokens outside idx (the stream's non-patch tokens) stay
+    keep = torch.empty(stream_pos.shape[0], dtype=torch.bool, device=dev)
+    if idx is not None:
+        keep.fill_(True)
     if T:
         _topk_context[(triton.cdiv(T, ROWS),)](
             conf.contiguous(),
             cls.contiguous(),
             easy.contiguous().view(torch.int8),
             batch.contiguous(),
+            pos.contiguous(),
             cu_seqlens.contiguous(),
-            rows.contiguous(),
             exit_stage,
+            idx.contiguous() if idx is not None else batch,
+            stream_pos.contiguous(),
             keep.view(torch.int8),
             T,
             int(k),
+            int(num_patches),
+            exit_stage.shape[0] - 1,
             int(stage),
+            INDEXED=idx is not None,
             ROWS=ROWS,
             COLS=COLS,
             num_warps=4,

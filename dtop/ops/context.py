@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from dtop.kernels import load
-from dtop.ops.grade import mark_exits
+from dtop.ops.grade import flat_rows, mark_exits
 
 
 def _sort_key(key: Tensor, bound: int) -> Tensor:
@@ -52,20 +52,31 @@ def topk_context_reference(
     cls: Tensor,
     easy: Tensor,
     batch: Tensor,
+    pos: Tensor,
     num_images: int,
     num_classes: int,
     k: int,
-    rows: Tensor,
     exit_stage: Tensor,
     stage: int,
+    idx: Tensor | None,
+    stream_pos: Tensor,
 ) -> Tensor:
-    """The keep mask over graded tokens once the easy ones left, except the ``k`` most confident of each
-    (image ``batch``, class ``cls``); the leaving tokens' exit stage (at ``rows``) becomes ``stage``."""
+    """The keep mask over the stream once the easy graded tokens left, except the ``k`` most confident of
+    each (image ``batch``, class ``cls``).
+
+    The graded tokens are the stream's tokens ``idx`` (None: the whole stream), at grid positions ``pos``;
+    a leaving token's exit stage (``exit_stage`` [B·N + 1], flat over (image, patch)) becomes ``stage``.
+    Tokens that are not patches in the stream (``stream_pos`` < 0) always stay.
+    """
     G = num_images * num_classes
     group = torch.where(easy, batch * num_classes + cls, torch.full_like(cls, G))
     exits = easy & ~topk_per_group(group, conf, k, G)
-    mark_exits(exit_stage, rows, exits, stage)
-    return ~exits
+    num_patches = (exit_stage.shape[0] - 1) // num_images
+    mark_exits(exit_stage, flat_rows(batch, pos, num_patches, exit_stage.shape[0] - 1), exits, stage)
+    if idx is None:
+        return ~exits | (stream_pos < 0)
+    keep = torch.ones(stream_pos.shape[0], dtype=torch.bool, device=conf.device).index_put((idx,), ~exits)
+    return keep | (stream_pos < 0)
 
 
 def topk_context(
@@ -73,17 +84,24 @@ def topk_context(
     cls: Tensor,
     easy: Tensor,
     batch: Tensor,
+    pos: Tensor,
     cu_seqlens: Tensor,
     num_classes: int,
     k: int,
-    rows: Tensor,
     exit_stage: Tensor,
     stage: int,
+    idx: Tensor | None,
+    stream_pos: Tensor,
 ) -> Tensor:
-    """:func:`topk_context_reference`, as one kernel on CUDA. The tokens are in image segments
+    """:func:`topk_context_reference`, as one kernel on CUDA. The graded tokens are in image segments
     (``cu_seqlens`` [B + 1], ``batch`` non-decreasing), as a :class:`~dtop.models.packed.TokenStream` keeps them."""
+    B = cu_seqlens.shape[0] - 1
     kernel = load("context") if conf.is_cuda else None
     if kernel is None:
-        B = cu_seqlens.shape[0] - 1
-        return topk_context_reference(conf, cls, easy, batch, B, num_classes, k, rows, exit_stage, stage)
-    return kernel.topk_context(conf, cls, easy, batch, cu_seqlens, k, rows, exit_stage, stage)
+        return topk_context_reference(
+            conf, cls, easy, batch, pos, B, num_classes, k, exit_stage, stage, idx, stream_pos
+        )
+    num_patches = (exit_stage.shape[0] - 1) // B
+    return kernel.topk_context(
+        conf, cls, easy, batch, pos, cu_seqlens, k, num_patches, exit_stage, stage, idx, stream_pos
+    )

@@ -29,13 +29,31 @@ def main(dev: str) -> int:
                         conf = (conf * 4).floor() / 4
                     cls = torch.randint(0, K, (T,), generator=g)
                     easy = (torch.rand(T, generator=g) < p_easy) & (pos >= 0)
-                    rows = torch.where(pos >= 0, batch * N + pos, B * N)
+                    # graded tokens: the whole stream, or a subset of a longer one (prefix tokens in it, some of
+                    # them graded as patches, as the phantom image of graph replay takes them)
+                    indexed = (K + int(ties)) % 2 == 1
+                    if indexed:
+                        S = T + 9
+                        idx = torch.randperm(S, generator=g)[:T]
+                        stream_pos = torch.randint(0, N, (S,), generator=g)
+                        stream_pos[idx[torch.rand(T, generator=g) < 0.1]] = -1
+                        stream_pos[torch.isin(torch.arange(S), idx, invert=True)] = -1
+                    else:
+                        idx, stream_pos = None, pos
                     exit_stage = torch.randint(0, 4, (B * N + 1,), generator=g)
                     kexit = exit_stage.clone().to(dev)
-                    ref = topk_context_reference(conf, cls, easy, batch, B, K, k, rows, exit_stage, 1)
-                    args = (conf, cls, easy, batch, cu)
-                    got = kernel.topk_context(*(t.to(dev) for t in args), k, rows.to(dev), kexit, 1)
-                    where = (lengths, K, p_easy, k, ties)
+                    ref = topk_context_reference(conf, cls, easy, batch, pos, B, K, k, exit_stage, 1, idx, stream_pos)
+                    args = (conf, cls, easy, batch, pos, cu)
+                    got = kernel.topk_context(
+                        *(t.to(dev) for t in args),
+                        k,
+                        N,
+                        kexit,
+                        1,
+                        None if idx is None else idx.to(dev),
+                        stream_pos.to(dev),
+                    )
+                    where = (lengths, K, p_easy, k, ties, indexed)
                     assert torch.equal(ref, got.cpu()), where
                     assert torch.equal(exit_stage, kexit.cpu()), where
                     cases += 1

@@ -84,22 +84,34 @@ class DToP(Policy):
         final = self.context in ("remove", "average")
         g = state.grade(out, head, ps, stage, self.threshold_at(stage, num_aux), self._mask(stage, ps), final)
         state.snapshot(state.canvas, out.presence)
-        kept = self._context_keep(g, ps, state, stage) if g.keep is None else g.keep
         summary = self._summaries(ps, g, state.num_classes) if self.context in ("average", "avg_topk") else None
-        return stream, self._over_stream(stream, idx, kept), summary
+        if g.keep is not None:  # the easy tokens exited with the grading
+            return stream, self._over_stream(stream, idx, g.keep), summary
+        if self.context == "fixed_ratio":
+            return stream, self._over_stream(stream, idx, self._ratio_keep(g, ps, state, stage)), summary
+        # topk / avg_topk: the k most confident easy tokens of each (image, class) stay
+        keep = topk_context(
+            g.conf,
+            g.cls,
+            g.easy,
+            ps.batch,
+            ps.pos,
+            ps.cu_seqlens,
+            state.num_classes,
+            self.k,
+            state.exit_stage,
+            stage,
+            idx,
+            stream.pos,
+        )
+        return stream, keep, summary
 
     def _mask(self, stage: int, ps: TokenStream) -> Tensor | None:
         """A recorded keep mask [n, N] that decides which tokens are easy, instead of the threshold."""
         return None
 
-    def _context_keep(self, g: Grades, ps: TokenStream, state: RunState, stage: int) -> Tensor:
-        """The keep mask over the graded tokens once the context rule kept some easy ones as context
-        (the others exit at ``stage``)."""
-        rows = state.flat(ps)
-        if self.context != "fixed_ratio":  # topk / avg_topk: the k most confident of each (image, class)
-            return topk_context(
-                g.conf, g.cls, g.easy, ps.batch, ps.cu_seqlens, state.num_classes, self.k, rows, state.exit_stage, stage
-            )
+    def _ratio_keep(self, g: Grades, ps: TokenStream, state: RunState, stage: int) -> Tensor:
+        """``fixed_ratio``: the most confident share of each image's graded patch tokens exits at ``stage``."""
         patch = ps.pos >= 0
         n_patch = torch.zeros(ps.batch_size, dtype=torch.long, device=g.conf.device).index_add_(
             0, ps.batch, patch.long()
@@ -107,7 +119,7 @@ class DToP(Policy):
         quota = (n_patch.double() * self.ratio).floor().long()
         group = torch.where(patch, ps.batch, ps.batch_size)
         exits = topk_per_group(group, g.conf, F.pad(quota, (0, 1)), ps.batch_size)
-        state.mark_exits(rows, exits, stage)
+        state.mark_exits(state.flat(ps), exits, stage)
         return ~exits
 
     @staticmethod
