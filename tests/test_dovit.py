@@ -223,7 +223,7 @@ def test_reconstruction_restores_exact_positions():
     sub = stream.select(keep)
     assert not sub.uniform
     state = _state(B, grid)
-    state.buffer = torch.full((B * N, C), -1.0)  # what stopped tokens hold
+    state.buffer = torch.full((B * N + 1, C), -1.0)  # what stopped tokens hold (then the trash row)
     full = state.scatter_features(sub)
     kept = keep.view(B, 1 + N)[:, 1:].reshape(-1)
     expect_b = torch.arange(B).repeat_interleave(N).float()
@@ -311,7 +311,7 @@ def test_stage_end_stops_confident_tokens_accumulates_and_merges():
     out2 = _decided(policy.stage_end(1, 2, out.with_x(x), _ChannelHead(), state))
     assert out2.pos.tolist() == [-1, 3] and state.stopped.tolist() == [True, True, True, False, False]
     assert state.exit_stage[:4].tolist() == [0, 1, 0, 2]
-    full = state.buffer.view(4, C)
+    full = state.buffer[:-1].view(4, C)
     torch.testing.assert_close(out2.x[0], 0.5 * (out.x[0] + full[:3].mean(0)))
 
 

@@ -54,13 +54,14 @@ class RunState:
     head_tokens: dict[int, tuple[SegHead, str]] = field(default_factory=dict)  # stage → (head, what it saw)
     stage_logits: list[Tensor] = field(default_factory=list)  # [B·N, K] per aux stage
     stage_presence: list[Tensor | None] = field(default_factory=list)
-    buffer: Tensor | None = None  # [B·N, C] reconstructed features (DoViT)
+    buffer: Tensor | None = None  # [B·N + 1, C] reconstructed features (DoViT), then the trash row
     stopped: Tensor | None = None  # [B·N + 1] bool (DoViT); the trash row never stops
     has_cls: bool = False  # each segment starts with a cls token
     keep_stages: bool = True  # keep per-stage maps (for aux losses); inference drops them to save memory
     phantom: bool = False
     presence: Tensor | None = None  # [B, K] final presence logits (ATM decode head)
     features: Tensor | None = None  # [B·N, C] final reconstructed features (DoViT)
+    full_index: tuple[Tensor, Tensor, Tensor] | None = None  # batch, pos, cu_seqlens of the full patch map
 
     @property
     def num_images(self) -> int:
@@ -159,30 +160,25 @@ class RunState:
         self.head_tokens[stage] = (head, seen)
 
     def full_stream(self, x: Tensor) -> TokenStream:
-        """The stream of the whole patch map (every token, in grid order)."""
+        """The stream of the whole patch map (every token, in grid order); its indices are built once."""
         B, N = self.batch_size, self.num_patches
-        dev = x.device
-        return TokenStream(
-            x,
-            torch.arange(B, device=dev).repeat_interleave(N),
-            torch.arange(N, device=dev).repeat(B),
-            torch.arange(B + 1, device=dev, dtype=torch.int32) * N,
-            N,
-            B,
-            0,
-            True,
-            self.phantom,
-            True,
-        )
+        if self.full_index is None or self.full_index[0].device != x.device:
+            dev = x.device
+            self.full_index = (
+                torch.arange(B, device=dev).repeat_interleave(N),
+                torch.arange(N, device=dev).repeat(B),
+                torch.arange(B + 1, device=dev, dtype=torch.int32) * N,
+            )
+        return TokenStream(x, *self.full_index, N, B, 0, True, self.phantom, True)
 
     def scatter_features(self, stream: TokenStream) -> Tensor:
         """The full [B·N, C] feature map: the stream's patch tokens at their positions, over the features
-        the earlier stages left (DoViT's reconstruction; zeros before anything was written)."""
-        _, ps = stream.patches()
+        the earlier stages left (DoViT's reconstruction; zeros before anything was written). Non-patch
+        tokens go to the buffer's trash row."""
         if self.buffer is None:
-            self.buffer = ps.x.new_zeros(self.batch_size * self.num_patches, ps.x.shape[1])
-        self.buffer = write_rows(self.buffer, self.flat(ps), ps.x, self.inplace)
-        return self.buffer
+            self.buffer = stream.x.new_zeros(self.batch_size * self.num_patches + 1, stream.x.shape[1])
+        self.buffer = write_rows(self.buffer, self.flat(stream), stream.x, self.inplace)
+        return self.buffer[:-1]
 
     def stop(self, stop: Tensor, stage: int) -> Tensor:
         """Stop the patch tokens where ``stop`` [B·N] (those not stopped yet exit at ``stage``); returns

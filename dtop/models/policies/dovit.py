@@ -96,6 +96,8 @@ class DoViT(Policy):
         first = stream.cu_seqlens[:n].long()
         cls = stream.x[first]
         merged = torch.where((count.float() / N > self.agg_rate)[:, None], 0.5 * (cls + mean.to(cls.dtype)), cls)
+        if state.inplace:
+            return stream.with_x(stream.x.index_put_((first,), merged))
         return stream.with_x(stream.x.index_put((first,), merged))
 
     def finish(self, stream: TokenStream, head: SegHead, norm: nn.Module, state: RunState) -> None:
