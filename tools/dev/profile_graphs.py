@@ -1,11 +1,13 @@
 """Kernel-level view of CUDA-graph pruned inference, plus the per-kernel costs it is made of.
 
 python tools/dev/profile_graphs.py [vit_base_patch16_224] [batches, e.g. 1,8] [size] [pure|mixed]
+    [--policy recorded|dtop|dovit]
 Prints dense/pruned replay times (CUDA events, medians), the kernels of one pruned replay grouped by
 name, the same program run eagerly grouped by aten op, and microbenchmarks of sorts and tiny kernels
 replayed in a graph (``--micro``) and of one block's latency against its token count (``--blocks``);
 ``--diff`` lists the kernels whose count differs between a dense and a pruned run. ``pure``: bf16
-weights; ``mixed``: fp32 weights under bf16 autocast.
+weights; ``mixed``: fp32 weights under bf16 autocast. ``--policy``: recorded keep masks (default), or the
+real DToP (top-k context) / DoViT policy on synthetic grades that give the same keep schedule.
 """
 
 from __future__ import annotations
@@ -24,14 +26,21 @@ from dtop.models.build import build_segmentor
 from dtop.models.graphs import GraphedSegmentor, StageGraphs
 from dtop.models.heads.fcn import FCNHead
 from dtop.models.packed import TokenStream
-from dtop.models.policies import RecordedDecisions, random_keep_masks
+from dtop.models.policies import DoViT, DToP, RecordedDecisions, random_keep_masks
+from dtop.models.policies.synthetic import SyntheticGrades
 from dtop.models.vit import ViTBackbone
 
 name = sys.argv[1] if len(sys.argv) > 1 else "vit_base_patch16_224"
 batches = [int(b) for b in (sys.argv[2] if len(sys.argv) > 2 else "1,8").split(",")]
 S = int(sys.argv[3]) if len(sys.argv) > 3 else 512
 precision = sys.argv[4] if len(sys.argv) > 4 else "pure"
-layers = [6, 8] if "base" in name else [8, 16]
+policy = sys.argv[sys.argv.index("--policy") + 1] if "--policy" in sys.argv else "recorded"
+layers = [6, 8] if "base" in name or "small" in name else [8, 16]
+keep = [0.7, 0.5]
+if policy == "dovit":
+    layers, keep = (
+        ([2, 5, 8], [0.8, 0.6, 0.45]) if "base" in name or "small" in name else ([5, 11, 17], [0.8, 0.6, 0.45])
+    )
 
 
 def graph_time(fn) -> float:
@@ -71,7 +80,12 @@ if "--micro" in sys.argv:
     micro()
 model = (
     build_segmentor(
-        ViTBackbone(name, img_size=(S, S)), partial(FCNHead), 150, partial(FCNHead), layers, RecordedDecisions([])
+        ViTBackbone(name, img_size=(S, S)),
+        partial(FCNHead),
+        150,
+        partial(FCNHead),
+        layers,
+        {"recorded": RecordedDecisions([]), "dtop": DToP(0.95, k=5), "dovit": DoViT(0.95)}[policy],
     )
     .cuda()
     .eval()
@@ -83,14 +97,13 @@ dtype = torch.bfloat16 if precision == "pure" else torch.float32
 model.to(dtype)
 N = (S // 16) ** 2
 for B in batches:
-    masks = [
-        [m.cuda() for m in random_keep_masks(B, N, [0.7, 0.5], 0.2, torch.Generator().manual_seed(i))] for i in range(8)
-    ]
+    masks = [[m.cuda() for m in random_keep_masks(B, N, keep, 0.2, torch.Generator().manual_seed(i))] for i in range(8)]
     xs = [torch.randn(B, 3, S, S, device="cuda", dtype=dtype) for _ in range(4)]
-    model.pruning.set_keep(masks[0])
+    grades = None if policy == "recorded" else SyntheticGrades(model.aux_heads, masks[0], 150).to(torch.device("cuda"))
+    decider = model.pruning if grades is None else grades
+    decider.set_keep(masks[0])
 
-    def run(i: int, dense: bool, fn=None) -> None:
-        model.pruning.set_keep(masks[i % 8])
+    def run(i: int, dense: bool, fn=None) -> None:  # the masks are set outside (their copies are not timed)
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "mixed"):
             if dense:
                 with model.dense_mode():
@@ -102,9 +115,11 @@ for B in batches:
 
     for dense in (True, False):
         for i in range(30):
+            decider.set_keep(masks[i % 8])
             run(i, dense)
         times = []
         for i in range(40):
+            decider.set_keep(masks[i % 8])
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
             run(i, dense)
@@ -124,6 +139,7 @@ for B in batches:
 
     StageGraphs._replay = timed_replay
     for i in range(40):
+        decider.set_keep(masks[i % 8])
         marks.clear()
         run(i, False)
         torch.cuda.synchronize()
