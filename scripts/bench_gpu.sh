@@ -2,7 +2,8 @@
 # The GPU speed table (docs/performance.md): dense vs the configured policy, bf16, FCN heads, 150 classes.
 # Every pruned number runs the real policy (grading, DToP's top-k context or DoViT's stop/reconstruct/merge)
 # on synthetic confidences that give the keep schedule; recorded masks are the ablation column.
-# Usage: [SETS="dtop dovit train"] [COMPILE=1] bash scripts/bench_gpu.sh OUT_DIR [extra hydra overrides...]
+# Usage: [SETS="dtop dovit train"] [COMPILE=1] [ONLY=regex] bash scripts/bench_gpu.sh OUT_DIR [extra hydra overrides...]
+# ONLY keeps the configurations whose name matches (e.g. ONLY='b1$|dovit').
 # Writes OUT_DIR/<name>.json per configuration and OUT_DIR/all.jsonl.
 set -uo pipefail
 out=${1:-bench_out}; shift || true
@@ -14,6 +15,7 @@ vits=(model.backbone.name=vit_small_patch16_224 model.prune_layers=[6,8])
 dovit_b=(model=dovit_fcn_tiny model.backbone.name=vit_base_patch16_224 model.prune_layers=[2,5,8] keep=[0.8,0.6,0.45])
 run() {
   local name=$1; shift
+  [[ -n "${ONLY:-}" && ! "$name" =~ $ONLY ]] && return
   timeout "${RUN_LIMIT:-240}" python -m dtop.cli.bench "${common[@]}" "$@" hydra.run.dir="$out/$name" > "$out/$name.log" 2>&1 \
     && tail -n 1 "$out/$name.log" > "$out/$name.json" && tail -n 1 "$out/$name.log" >> "$out/all.jsonl" \
     || { echo "FAILED $name"; tail -n 20 "$out/$name.log"; }
