@@ -8,21 +8,8 @@ import pytest
 import torch
 
 from dtop.models.graphs import GraphedSegmentor
-from dtop.models.policies import DoViT, DToP
 from tests.test_engine import make_model
-from tests.test_graphs import STATS
-
-POLICIES = [
-    DToP(0.25, context="topk", k=1),
-    DToP(0.3, context="topk", k=5),
-    DToP(0.25, context="remove"),
-    DToP(0.25, context="average"),
-    DToP(0.25, context="avg_topk", k=1),
-    DToP(1.0, context="fixed_ratio", ratio=0.4),
-    DToP([0.22, 0.3], context="topk", k=2),
-    DoViT(0.22),
-    DoViT(0.25, diff_conf=0.21),
-]
+from tests.test_graphs import POLICIES, STATS
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -33,20 +33,20 @@ def _same(graph_out, eager_out) -> None:
         torch.testing.assert_close(graph_out.presence, eager_out.presence, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(
-    "policy",
-    [
-        DToP(0.25, context="topk", k=1),
-        DToP(0.25, context="remove"),
-        DToP(0.25, context="average"),
-        DToP(0.25, context="avg_topk", k=1),
-        DToP(1.0, context="fixed_ratio", ratio=0.4),
-        DToP([0.22, 0.3], context="topk", k=2),
-        DoViT(0.22),
-        DoViT(0.25, diff_conf=0.21),
-        DToP(1.0),
-    ],
-)
+POLICIES = [
+    DToP(0.25, context="topk", k=1),
+    DToP(0.25, context="remove"),
+    DToP(0.25, context="average"),
+    DToP(0.25, context="avg_topk", k=1),
+    DToP(1.0, context="fixed_ratio", ratio=0.4),
+    DToP([0.22, 0.3], context="topk", k=2),
+    DoViT(0.22),
+    DoViT(0.25, diff_conf=0.21),
+    DToP(1.0),
+]  # every policy and context rule
+
+
+@pytest.mark.parametrize("policy", POLICIES)
 def test_fixed_size_stages_equal_eager_inference(policy):
     model = make_model(policy=policy)
     runner = StageGraphs(bucket=8, capture=False)
