@@ -73,9 +73,15 @@ def topk_context_reference(
     exits = easy & ~topk_per_group(group, conf, k, G)
     num_patches = (exit_stage.shape[0] - 1) // num_images
     mark_exits(exit_stage, flat_rows(batch, pos, num_patches, exit_stage.shape[0] - 1), exits, stage)
+    return keep_over_stream(~exits, idx, stream_pos)
+
+
+def keep_over_stream(kept: Tensor, idx: Tensor | None, stream_pos: Tensor) -> Tensor:
+    """The keep mask over the whole stream from the one over the graded tokens (the stream's tokens ``idx``;
+    None: the stream itself). Tokens that are not patches (``stream_pos`` < 0) never leave."""
     if idx is None:
-        return ~exits | (stream_pos < 0)
-    keep = torch.ones(stream_pos.shape[0], dtype=torch.bool, device=conf.device).index_put((idx,), ~exits)
+        return kept
+    keep = torch.ones(stream_pos.shape[0], dtype=torch.bool, device=kept.device).index_put((idx,), kept)
     return keep | (stream_pos < 0)
 
 

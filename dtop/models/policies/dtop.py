@@ -25,7 +25,7 @@ from dtop.models.heads.base import SegHead
 from dtop.models.packed import Extra, TokenStream
 from dtop.models.policies.base import Decision, Policy
 from dtop.models.state import RunState
-from dtop.ops.context import topk_context, topk_per_group
+from dtop.ops.context import keep_over_stream, topk_context, topk_per_group
 from dtop.ops.grade import Grades
 
 CONTEXT_POLICIES = ("topk", "remove", "average", "avg_topk", "fixed_ratio")
@@ -86,9 +86,9 @@ class DToP(Policy):
         state.snapshot(state.canvas, out.presence)
         summary = self._summaries(ps, g, state.num_classes) if self.context in ("average", "avg_topk") else None
         if g.keep is not None:  # the easy tokens exited with the grading
-            return stream, self._over_stream(stream, idx, g.keep), summary
+            return stream, keep_over_stream(g.keep, idx, stream.pos), summary
         if self.context == "fixed_ratio":
-            return stream, self._over_stream(stream, idx, self._ratio_keep(g, ps, state, stage)), summary
+            return stream, keep_over_stream(self._ratio_keep(g, ps, state, stage), idx, stream.pos), summary
         # topk / avg_topk: the k most confident easy tokens of each (image, class) stay
         keep = topk_context(
             g.conf,
@@ -121,15 +121,6 @@ class DToP(Policy):
         exits = topk_per_group(group, g.conf, F.pad(quota, (0, 1)), ps.batch_size)
         state.mark_exits(state.flat(ps), exits, stage)
         return ~exits
-
-    @staticmethod
-    def _over_stream(stream: TokenStream, idx: Tensor | None, kept: Tensor) -> Tensor:
-        """The keep mask over the whole stream from the one over the graded tokens (``idx`` in the stream;
-        None: the head graded the stream itself). Prefix and summary tokens never exit."""
-        if idx is None:
-            return kept
-        keep = torch.ones(stream.x.shape[0], dtype=torch.bool, device=idx.device).index_put((idx,), kept)
-        return keep | (stream.pos < 0)
 
     @staticmethod
     def _summaries(ps: TokenStream, g: Grades, K: int) -> Extra:
