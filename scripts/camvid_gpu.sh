@@ -35,7 +35,7 @@ if [ "$stage" = atm ]; then
     eval_dense=true hydra.run.dir=logs/camvid/atm_finetune > "$out/atm_finetune.log" 2>&1 || tail -30 "$out/atm_finetune.log"
 fi
 if [ "$stage" = evalspeed ]; then
-  python -m dtop.cli.train experiment=camvid_dense_fcn "${paths[@]}" trainer.max_steps=${STEPS:-3000} \
+  python -m dtop.cli.train experiment=camvid_dense_fcn "${paths[@]}" trainer.max_steps=${STEPS:-3000} trainer.val_check_interval=${STEPS:-3000} \
     hydra.run.dir=$dense_dir > "$out/dense.log" 2>&1 || { tail -30 "$out/dense.log"; exit 1; }
   for bs in 1 16; do
     for g in ${GRAPHS:-true false}; do

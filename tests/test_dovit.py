@@ -265,7 +265,7 @@ def test_cls_merge_formula_eq8():
     stream = stream.select(torch.cat([torch.ones(B, 1, dtype=torch.bool), ~stopped.view(B, N)], 1).view(-1))
     state = _state(B, grid)
     state.stopped = F.pad(stopped, (0, 1))  # plus the trash row
-    merged = DoViT(0.9, agg_rate=0.25)._merge_cls(stream, full, state)
+    merged = DoViT(0.9, agg_rate=0.25)._merge_cls(stream, full, state, 0)
     first = stream.cu_seqlens[:-1].long()
     # image 0: 2/4 > 0.25 → ½([10, 20] + mean([3, 6], [7, 4]) = [5, 5]); image 1: 1/4 is not > 0.25; image 2: none
     expected = torch.tensor([[7.5, 12.5], [30.0, 40.0], [50.0, 60.0]])
@@ -274,7 +274,7 @@ def test_cls_merge_formula_eq8():
     rest[first] = False
     assert torch.equal(merged.x[rest], stream.x[rest])
     # a lower agg_rate merges image 1 too: ½([30, 40] + [6, 6])
-    merged = DoViT(0.9, agg_rate=0.2)._merge_cls(stream, full, state)
+    merged = DoViT(0.9, agg_rate=0.2)._merge_cls(stream, full, state, 0)
     assert torch.equal(merged.x[first][1], torch.tensor([18.0, 23.0]))
 
 

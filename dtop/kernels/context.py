@@ -19,8 +19,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-ROWS = 32  # tokens ranked per program
-COLS = 64  # segment tokens compared per step
+# (tokens ranked per program, segment tokens compared per step, warps). A program's loop runs over its
+# image's whole segment, so the step count sets its latency: wide steps keep one 1024-token image at 4
+# steps, narrow rows give a batch-1 stream enough programs to fill the GPU (tools/dev/probe_context_tiles.py).
+TILES = (16, 256, 4)
 
 
 @triton.jit(do_not_specialize=["T", "k", "num_patches", "trash", "stage"])
@@ -93,8 +95,10 @@ def topk_context(
     stage: int,
     idx: Tensor | None,
     stream_pos: Tensor,
+    tiles: tuple[int, int, int] = TILES,
 ) -> Tensor:
-    """The keep mask over the stream: see :func:`dtop.ops.context.topk_context_reference`."""
+    """The keep mask over the stream: see :func:`dtop.ops.context.topk_context_reference`; ``tiles``:
+    (rows, cols, warps), powers of two (the probe compares them)."""
     T = conf.shape[0]
     dev = conf.device
     # tokens outside idx (the stream's non-patch tokens) stay
@@ -102,7 +106,8 @@ def topk_context(
     if idx is not None:
         keep.fill_(True)
     if T:
-        _topk_context[(triton.cdiv(T, ROWS),)](
+        rows, cols, warps = tiles
+        _topk_context[(triton.cdiv(T, rows),)](
             conf.contiguous(),
             cls.contiguous(),
             easy.contiguous().view(torch.int8),
@@ -119,8 +124,8 @@ def topk_context(
             exit_stage.shape[0] - 1,
             int(stage),
             INDEXED=idx is not None,
-            ROWS=ROWS,
-            COLS=COLS,
-            num_warps=4,
+            ROWS=rows,
+            COLS=cols,
+            num_warps=warps,
         )
     return keep

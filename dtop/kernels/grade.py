@@ -43,6 +43,7 @@ def _grade(
     PRESENCE: tl.constexpr,
     MASK: tl.constexpr,
     FINAL: tl.constexpr,
+    CANVAS: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -56,7 +57,8 @@ def _grade(
     patch = p >= 0
     flat = tl.where(patch, b * num_patches + p, trash)
     x = tl.load(logits_ptr + rows[:, None] * K + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-    tl.store(canvas_ptr + flat[:, None] * K + cols[None, :], x, mask=m2)
+    if CANVAS:
+        tl.store(canvas_ptr + flat[:, None] * K + cols[None, :], x, mask=m2)
     if SIGMOID:  # ATM: sigmoid mask scores, times the image's class presence
         prob = tl.sigmoid(x)
         if PRESENCE:
@@ -93,14 +95,15 @@ def grade(
     batch: Tensor,
     pos: Tensor,
     num_patches: int,
-    canvas: Tensor,
+    canvas: Tensor | None,
     exit_stage: Tensor,
     stage: int,
     threshold: float,
     mask: Tensor | None,
     final: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """(conf, cls, easy, keep or None): see :func:`dtop.ops.grade.grade_reference`."""
+    """(conf, cls, easy, keep or None): see :func:`dtop.ops.grade.grade_reference`; without a ``canvas``
+    the logits are only graded (:func:`dtop.ops.grade.confidence`)."""
     T, K = logits.shape
     dev = logits.device
     logits = logits.contiguous()
@@ -116,7 +119,7 @@ def grade(
             presence_t,
             batch,
             pos,
-            canvas,
+            canvas if canvas is not None else logits,
             exit_stage,
             mask_t.view(torch.int8),
             conf,
@@ -125,7 +128,7 @@ def grade(
             (keep if final else easy).view(torch.int8),
             T,
             num_patches,
-            canvas.shape[0] - 1,
+            canvas.shape[0] - 1 if canvas is not None else 0,
             mask.shape[0] if mask is not None else 1,
             stage,
             float(threshold),
@@ -134,6 +137,7 @@ def grade(
             PRESENCE=presence is not None,
             MASK=mask is not None,
             FINAL=final,
+            CANVAS=canvas is not None,
             ROWS=ROWS,
             BLOCK_K=triton.next_power_of_2(K),
             num_warps=4,

@@ -193,6 +193,9 @@ class Segmentor(HubMixin, nn.Module):
         total = [linear[0], (n * n) @ coef[:, 1]]
         const = [state.embed_macs, state.embed_macs, state.embed_macs_mmcv]
         final = 2 * self.backbone.embed_dim * isinstance(self.backbone.norm, nn.LayerNorm)
+        for macs in state.policy_macs.values():  # not in mmcv's count, which sees modules only
+            const[0] += macs
+            const[1] += macs
         for stage, (head, seen) in sorted(state.head_tokens.items()):
             norm = final if stage == self.num_stages - 1 else 0
             if seen == "grid":  # the same for every image: computed on the host

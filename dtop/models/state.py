@@ -52,6 +52,7 @@ class RunState:
     embed_macs: float = 0.0  # patch embedding, per image
     embed_macs_mmcv: float = 0.0  # the same with the convolution's bias (mmcv's count)
     head_tokens: dict[int, tuple[SegHead, str]] = field(default_factory=dict)  # stage → (head, what it saw)
+    policy_macs: dict[int, float] = field(default_factory=dict)  # stage → per-image MACs of a policy's own GEMMs
     stage_logits: list[Tensor] = field(default_factory=list)  # [B·N, K] per aux stage
     stage_presence: list[Tensor | None] = field(default_factory=list)
     buffer: Tensor | None = None  # [B·N + 1, C] reconstructed features (DoViT), then the trash row
@@ -146,9 +147,9 @@ class RunState:
         mark_exits(self.exit_stage, flat, exits, stage)
 
     def snapshot(self, logits: Tensor, presence: Tensor | None) -> None:
-        """Keep a stage's map for its aux loss (training only)."""
+        """Keep a stage's map for its aux loss (training only), in the canvas's dtype."""
         if self.keep_stages:
-            self.stage_logits.append(logits)
+            self.stage_logits.append(logits.to(self.canvas.dtype))
             self.stage_presence.append(presence)
 
     def count_head(self, stage: int, head: SegHead, seen: str) -> None:
@@ -158,6 +159,11 @@ class RunState:
         The MACs follow from these records and the per-stage token counts once, at assembly.
         """
         self.head_tokens[stage] = (head, seen)
+
+    def count_policy(self, stage: int, macs: float) -> None:
+        """Record the per-image MACs of a policy's own matrix products at ``stage`` (DoViT's cls merge),
+        which the MAC count adds to the blocks' and heads' (a FLOP counter sees them too)."""
+        self.policy_macs[stage] = float(macs)
 
     def full_stream(self, x: Tensor) -> TokenStream:
         """The stream of the whole patch map (every token, in grid order); its indices are built once."""

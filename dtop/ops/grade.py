@@ -120,3 +120,20 @@ def grade(
         final,
     )
     return Grades(conf, cls, easy, keep, canvas)
+
+
+def confidence(
+    logits: Tensor, presence: Tensor | None, rule: str | None, probs: Callable[[], Tensor], batch: Tensor
+) -> Tensor:
+    """Each token's confidence [T] float32, its top class probability: ``probs().max(-1)``, or on CUDA
+    for logits that carry no gradient, for a ``rule`` the grading kernel implements, that kernel without its
+    canvas write (one launch instead of the cast, softmax and max over a [T, K] map)."""
+    kernel = load("grade") if logits.is_cuda and rule in KERNEL_RULES and not logits.requires_grad else None
+    if kernel is None:
+        return probs().max(-1).values
+    sigmoid = rule == "sigmoid"
+    pos = torch.zeros_like(batch)  # every row graded as a patch; nothing is written by position
+    conf, *_ = kernel.grade(
+        logits, presence if sigmoid else None, sigmoid, batch, pos, 1, None, batch, 0, 2.0, None, False
+    )
+    return conf

@@ -52,8 +52,9 @@ def main(dev: str) -> int:
                         1,
                         None if idx is None else idx.to(dev),
                         stream_pos.to(dev),
+                        kernel.TILES if cases % 2 == 0 else (32, 64, 4),  # the default tiles and another shape
                     )
-                    where = (lengths, K, p_easy, k, ties, indexed)
+                    where = (lengths, K, p_easy, k, ties, indexed, cases % 2)
                     assert torch.equal(ref, got.cpu()), where
                     assert torch.equal(exit_stage, kexit.cpu()), where
                     cases += 1

@@ -82,6 +82,25 @@ def main(dev: str, dtype_name: str) -> int:
                     assert torch.equal(canvas[:-1], kcanvas[:-1].cpu()) and torch.equal(exit_stage, kexit.cpu()), where
                     assert r.easy.any() and not r.easy.all() and not r.easy[pos < 0].any(), where  # a real test
                     assert final == bool((exit_stage == 1).any()), where
+                    if not with_mask and not final:  # graded only (dtop.ops.grade.confidence): no canvas
+                        before = kcanvas.clone()
+                        conf, *_ = grade(
+                            logits.to(dev),
+                            None if presence is None else presence.to(dev),
+                            rule == "sigmoid",
+                            batch.to(dev),
+                            torch.zeros_like(batch).to(dev),
+                            1,
+                            None,
+                            batch.to(dev),
+                            0,
+                            2.0,
+                            None,
+                            False,
+                        )
+                        tol = reorder_rel(torch.float32)
+                        assert torch.allclose(r.conf, conf.cpu(), rtol=tol, atol=tol), where
+                        assert torch.equal(before, kcanvas), where
                     cases += 1
     return cases
 

@@ -21,6 +21,7 @@ from dtop.models.heads.base import HeadOutput, SegHead
 from dtop.models.packed import TokenStream
 from dtop.models.policies.base import Decision, Policy
 from dtop.models.state import RunState
+from dtop.ops.grade import confidence
 
 
 class DoViT(Policy):
@@ -61,7 +62,7 @@ class DoViT(Policy):
         full = state.scatter_features(stream)  # reconstruction
         fs = state.full_stream(full)
         out = head(full, fs)
-        state.snapshot(out.logits.to(state.canvas.dtype), out.presence)
+        state.snapshot(out.logits, out.presence)
         state.count_head(stage, head, "grid")
         if not self.prunes_at(stage, num_aux):
             return stream, None, None
@@ -72,14 +73,14 @@ class DoViT(Policy):
         stopped = state.stop(stop, stage)
         keep = ~stopped[state.flat(stream)]  # non-patch tokens map to the trash row, never stopped
         if self.merge_cls and state.has_cls:
-            stream = self._merge_cls(stream, full, state)
+            stream = self._merge_cls(stream, full, state, stage)
         return stream, keep, None
 
     def _confidence(self, out: HeadOutput, head: SegHead, fs: TokenStream, state: RunState) -> Tensor:
         """[B·N] each token's confidence: its top class probability, or with ``grade_upsample`` the mean of
         that over its sub-pixels of the bilinearly upsampled map."""
         if self.grade_upsample == 1:
-            return head.token_probs(out, fs).max(-1).values
+            return confidence(out.logits, out.presence, head.grading_rule, lambda: head.token_probs(out, fs), fs.batch)
         if head.grading_rule != "softmax":
             raise ConfigError(f"grade_upsample needs a head graded by softmax; {type(head).__name__} is not.")
         (h, w), u, K = state.grid, self.grade_upsample, out.logits.shape[-1]
@@ -87,12 +88,15 @@ class DoViT(Policy):
         top = F.interpolate(grid, scale_factor=u, mode="bilinear", align_corners=False).softmax(1).amax(1)
         return F.avg_pool2d(top[:, None], u).reshape(-1)
 
-    def _merge_cls(self, stream: TokenStream, full: Tensor, state: RunState) -> TokenStream:
+    def _merge_cls(self, stream: TokenStream, full: Tensor, state: RunState, stage: int) -> TokenStream:
         """Eq. 8: cls ← ½(cls + mean of stopped tokens), once more than ``agg_rate`` have stopped."""
         B, N, n = state.batch_size, state.num_patches, state.num_images
         stopped = state.stopped[:-1].view(B, N)[:n]
         count = stopped.sum(1)
-        mean = (full.view(B, N, -1)[:n] * stopped[..., None].to(full.dtype)).sum(1) / count.clamp(min=1)[:, None]
+        # the stopped tokens' sum as one batched GEMM: a masked product and sum would write and read the map again
+        total = torch.bmm(stopped[:, None, :].to(full.dtype), full.view(B, N, -1)[:n])[:, 0]
+        state.count_policy(stage, N * full.shape[-1])
+        mean = total / count.clamp(min=1)[:, None]
         first = stream.cu_seqlens[:n].long()
         cls = stream.x[first]
         merged = torch.where((count.float() / N > self.agg_rate)[:, None], 0.5 * (cls + mean.to(cls.dtype)), cls)
