@@ -20,9 +20,11 @@ import triton.language as tl
 from torch import Tensor
 
 # (tokens ranked per program, segment tokens compared per step, warps). A program's loop runs over its
-# image's whole segment, so the step count sets its latency: wide steps keep one 1024-token image at 4
-# steps, narrow rows give a batch-1 stream enough programs to fill the GPU (tools/dev/probe_context_tiles.py).
-TILES = (16, 256, 4)
+# image's whole segment, so the step count sets its latency: wide steps keep a 700-token image at 3
+# steps, and 8 rows give a batch-1 stream enough programs to fill the GPU. H100, µs per call
+# (tools/dev/probe_context_tiles.py; 1×1024, 8×700, 32×700, 1×8192, 2×6000 tokens): 6.7, 10.4, 27.6,
+# 95.4, 86.5 against 19.0, 26.2, 42.6, 155.0, 213.5 for 32 rows × 64 columns.
+TILES = (8, 256, 4)
 
 
 @triton.jit(do_not_specialize=["T", "k", "num_patches", "trash", "stage"])
