@@ -34,6 +34,7 @@ from torch import Tensor
 from dtop.models.heads.base import HeadOutput, SegHead
 from dtop.models.packed import TokenStream
 from dtop.ops.grade import Grades, flat_rows, grade, mark_exits, write_rows
+from dtop.ops.token_pass import stop_tokens
 
 
 @dataclass
@@ -177,21 +178,20 @@ class RunState:
             )
         return TokenStream(x, *self.full_index, N, B, 0, True, self.phantom, True)
 
-    def scatter_features(self, stream: TokenStream) -> Tensor:
+    def scatter_features(self, stream: TokenStream, flat: Tensor | None = None) -> Tensor:
         """The full [B·N, C] feature map: the stream's patch tokens at their positions, over the features
         the earlier stages left (DoViT's reconstruction; zeros before anything was written). Non-patch
-        tokens go to the buffer's trash row."""
+        tokens go to the buffer's trash row; ``flat``: the stream's rows, if already known."""
         if self.buffer is None:
             self.buffer = stream.x.new_zeros(self.batch_size * self.num_patches + 1, stream.x.shape[1])
-        self.buffer = write_rows(self.buffer, self.flat(stream), stream.x, self.inplace)
+        rows = self.flat(stream) if flat is None else flat
+        self.buffer = write_rows(self.buffer, rows, stream.x, self.inplace)
         return self.buffer[:-1]
 
-    def stop(self, stop: Tensor, stage: int) -> Tensor:
-        """Stop the patch tokens where ``stop`` [B·N] (those not stopped yet exit at ``stage``); returns
-        the stopped mask [B·N + 1] (its trash row never stops)."""
+    def stop(self, conf: Tensor, threshold: float, diff_conf: float | None, stage: int, flat: Tensor) -> Tensor:
+        """Stop the patch tokens whose confidence ``conf`` [B·N] passes ``threshold`` (or is below
+        ``diff_conf``; those not stopped yet exit at ``stage``); returns the keep mask of the stream tokens
+        at map rows ``flat`` (:func:`~dtop.ops.token_pass.stop_tokens`; the trash row never stops)."""
         if self.stopped is None:
-            self.stopped = torch.zeros(stop.shape[0] + 1, dtype=torch.bool, device=stop.device)
-        stopped = self.stopped[:-1]
-        self.exit_stage[:-1].masked_fill_(stop & ~stopped, stage)
-        stopped |= stop
-        return self.stopped
+            self.stopped = torch.zeros(conf.shape[0] + 1, dtype=torch.bool, device=conf.device)
+        return stop_tokens(conf, threshold, diff_conf, self.stopped, self.exit_stage, stage, flat)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -22,6 +21,7 @@ from dtop.models.packed import TokenStream
 from dtop.models.policies.base import Decision, Policy
 from dtop.models.state import RunState
 from dtop.ops.grade import confidence
+from dtop.ops.token_pass import merge_cls
 
 
 class DoViT(Policy):
@@ -59,7 +59,8 @@ class DoViT(Policy):
         return super().graph_key() + (self.diff_conf, self.agg_rate, self.merge_cls, self.grade_upsample)
 
     def stage_end(self, stage: int, num_aux: int, stream: TokenStream, head: SegHead, state: RunState) -> Decision:
-        full = state.scatter_features(stream)  # reconstruction
+        flat = state.flat(stream)
+        full = state.scatter_features(stream, flat)  # reconstruction
         fs = state.full_stream(full)
         out = head(full, fs)
         state.snapshot(out.logits, out.presence)
@@ -67,11 +68,8 @@ class DoViT(Policy):
         if not self.prunes_at(stage, num_aux):
             return stream, None, None
         conf = self._confidence(out, head, fs, state)
-        stop = conf > self.threshold_at(stage, num_aux)
-        if self.diff_conf is not None:
-            stop = stop | (conf < self.diff_conf)
-        stopped = state.stop(stop, stage)
-        keep = ~stopped[state.flat(stream)]  # non-patch tokens map to the trash row, never stopped
+        # non-patch tokens map to the trash row, never stopped
+        keep = state.stop(conf, self.threshold_at(stage, num_aux), self.diff_conf, stage, flat)
         if self.merge_cls and state.has_cls:
             stream = self._merge_cls(stream, full, state, stage)
         return stream, keep, None
@@ -92,17 +90,10 @@ class DoViT(Policy):
         """Eq. 8: cls ← ½(cls + mean of stopped tokens), once more than ``agg_rate`` have stopped."""
         B, N, n = state.batch_size, state.num_patches, state.num_images
         stopped = state.stopped[:-1].view(B, N)[:n]
-        count = stopped.sum(1)
-        # the stopped tokens' sum as one batched GEMM: a masked product and sum would write and read the map again
-        total = torch.bmm(stopped[:, None, :].to(full.dtype), full.view(B, N, -1)[:n])[:, 0]
-        state.count_policy(stage, N * full.shape[-1])
-        mean = total / count.clamp(min=1)[:, None]
         first = stream.cu_seqlens[:n].long()
-        cls = stream.x[first]
-        merged = torch.where((count.float() / N > self.agg_rate)[:, None], 0.5 * (cls + mean.to(cls.dtype)), cls)
-        if state.inplace:
-            return stream.with_x(stream.x.index_put_((first,), merged))
-        return stream.with_x(stream.x.index_put((first,), merged))
+        state.count_policy(stage, N * full.shape[-1])  # the stopped tokens' sum: a [1, N] × [N, C] product per image
+        x = merge_cls(stream.x, first, full.view(B, N, -1)[:n], stopped, self.agg_rate, state.inplace)
+        return stream.with_x(x)
 
     def finish(self, stream: TokenStream, head: SegHead, norm: nn.Module, state: RunState) -> None:
         """The decode head predicts every token from the final reconstructed map."""
