@@ -87,15 +87,15 @@ def stop_tokens(
     return keep
 
 
-@triton.jit(do_not_specialize=["N", "C"])
+@triton.jit
 def _merge(
     x_ptr,
     first_ptr,
     full_ptr,
     stopped_ptr,
-    N,
-    C,
     agg,
+    N: tl.constexpr,  # fixed by the input size (one compile per size), and a loop bound every Triton can run
+    C: tl.constexpr,
     ROWS: tl.constexpr,
     COLS: tl.constexpr,
 ):
@@ -110,12 +110,13 @@ def _merge(
         f = tl.load(full_ptr + (img * N + r)[:, None] * C + cols[None, :], mask=s[:, None] & in_c[None, :], other=0.0)
         total += tl.sum(f.to(tl.float32), 0)
         count += s.to(tl.int32)
-    n_stopped = tl.sum(count, 0)
-    if n_stopped.to(tl.float32) / N > agg:
-        row = tl.load(first_ptr + img)
-        cls = tl.load(x_ptr + row * C + cols, mask=in_c, other=0.0).to(tl.float32)
-        mean = total / tl.maximum(n_stopped, 1).to(tl.float32)
-        tl.store(x_ptr + row * C + cols, (0.5 * (cls + mean)).to(x_ptr.dtype.element_ty), mask=in_c)
+    n_stopped = tl.sum(count, 0).to(tl.float32)
+    row = tl.load(first_ptr + img)
+    cls = tl.load(x_ptr + row * C + cols, mask=in_c, other=0.0)
+    mean = total / tl.maximum(n_stopped, 1.0)
+    merged = (0.5 * (cls.to(tl.float32) + mean)).to(cls.dtype)
+    # a select, not a branch on the count: older Triton interpreters cannot branch on a reduced value
+    tl.store(x_ptr + row * C + cols, tl.where(n_stopped / N > agg, merged, cls), mask=in_c)
 
 
 def merge_cls(x: Tensor, first: Tensor, full: Tensor, stopped: Tensor, agg_rate: float) -> None:
@@ -127,9 +128,9 @@ def merge_cls(x: Tensor, first: Tensor, full: Tensor, stopped: Tensor, agg_rate:
             first.contiguous(),
             full.contiguous(),
             stopped.contiguous().view(torch.int8),
-            N,
-            C,
             float(agg_rate),
+            N=N,
+            C=C,
             ROWS=MERGE_ROWS,
             COLS=MERGE_COLS,
             num_warps=4,
