@@ -143,3 +143,11 @@ def grade(
             num_warps=4,
         )
     return conf, cls, easy, keep
+
+
+def confidence(logits: Tensor, presence: Tensor | None, sigmoid: bool, batch: Tensor) -> Tensor:
+    """The top class probability alone (:func:`dtop.ops.grade.confidence`): :func:`grade` without canvas,
+    mask or exits. ``batch`` also stands for the positions and exit stages, which nothing then reads or
+    writes (non-negative positions grade every row as a patch), so no buffer is allocated for them."""
+    conf, *_ = grade(logits, presence, sigmoid, batch, batch, 1, None, batch, 0, 2.0, None, False)
+    return conf

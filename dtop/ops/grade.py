@@ -132,8 +132,4 @@ def confidence(
     if kernel is None:
         return probs().max(-1).values
     sigmoid = rule == "sigmoid"
-    pos = torch.zeros_like(batch)  # every row graded as a patch; nothing is written by position
-    conf, *_ = kernel.grade(
-        logits, presence if sigmoid else None, sigmoid, batch, pos, 1, None, batch, 0, 2.0, None, False
-    )
-    return conf
+    return kernel.confidence(logits, presence if sigmoid else None, sigmoid, batch)

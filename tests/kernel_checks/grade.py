@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from dtop.kernels.grade import grade
+from dtop.kernels.grade import confidence, grade
 from dtop.models.heads.base import HeadOutput, SegHead
 from dtop.models.packed import TokenStream
 from dtop.ops.grade import grade_reference
@@ -84,19 +84,11 @@ def main(dev: str, dtype_name: str) -> int:
                     assert final == bool((exit_stage == 1).any()), where
                     if not with_mask and not final:  # graded only (dtop.ops.grade.confidence): no canvas
                         before = kcanvas.clone()
-                        conf, *_ = grade(
+                        conf = confidence(
                             logits.to(dev),
                             None if presence is None else presence.to(dev),
                             rule == "sigmoid",
                             batch.to(dev),
-                            torch.zeros_like(batch).to(dev),
-                            1,
-                            None,
-                            batch.to(dev),
-                            0,
-                            2.0,
-                            None,
-                            False,
                         )
                         tol = reorder_rel(torch.float32)
                         assert torch.allclose(r.conf, conf.cpu(), rtol=tol, atol=tol), where
