@@ -17,6 +17,7 @@ from dtop.checkpoint import load_model_weights
 from dtop.errors import ConfigError
 from dtop.inference import MAC_KINDS, infer_labels
 from dtop.lit.distributed import eval_loader_sampler, gather_eval_rows, gather_eval_visuals
+from dtop.lit.guard import NonFiniteGuard
 from dtop.losses import feature_mse, kl_distillation
 from dtop.metrics import SegMetrics, format_metrics
 from dtop.models.engine import Segmentor, SegOutput
@@ -104,6 +105,8 @@ class SegModule(L.LightningModule):
         self.last_eval: dict[str, Any] = {}
         self._graphed: GraphedSegmentor | None = None  # inference replayed as CUDA graphs (see _use_graphs)
         self._infer_time, self._infer_images = 0.0, 0  # seconds and images of inference in the eval epoch
+        self._guard = NonFiniteGuard()  # non-finite steps: skipped on the device, reported at the next sync
+        self._term_names: list[str] = []
 
     # ---------------------------------------------------------------- training
     def on_fit_start(self) -> None:
@@ -161,19 +164,27 @@ class SegModule(L.LightningModule):
         images, target = batch["image"], batch["label"]
         out = self.model(images)
         terms = self._loss(out, target, images)
-        loss = torch.stack(list(terms.values())).sum()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"Non-finite loss at step {self.global_step}: "
-                f"{ {k: float(v) for k, v in terms.items()} }. Lower the learning rate."
-            )
+        self._term_names = list(terms)
+        loss = self._guard.loss(torch.stack(list(terms.values())), self.global_step)
         B = images.shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=B)
+        self.log("train/loss", loss, batch_size=B)  # shown by SegProgressBar on logging steps
         self.log_dict({f"train/{k}": v for k, v in terms.items()}, batch_size=B)
         keep = out.stats["tokens_per_stage"].float().mean(0) / out.stats["tokens_per_stage"][:, 0].float().mean()
         self.log_dict({f"train/keep_s{i}": k for i, k in enumerate(keep)}, batch_size=B)
         self.log("train/gmacs", out.stats["macs"].mean() / 1e9, batch_size=B)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """A non-finite step is skipped by the fused optimiser (a GradScaler, under fp16, skips it itself)."""
+        skip = bool(optimizer.defaults.get("fused")) and getattr(self.trainer.precision_plugin, "scaler", None) is None
+        self._guard.before_step(optimizer, self.global_step, skip)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:  # Lightning reads the device here too
+            self._guard.check(self._term_names)
+
+    def on_train_end(self) -> None:
+        self._guard.check(self._term_names)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -192,12 +203,12 @@ class SegModule(L.LightningModule):
             }
             for (head, nd), ps in groups.items()
         ]
+        # fused: one kernel launch per step instead of ~10 per tensor group (host-bound steps), and it skips a
+        # non-finite step on the device (dtop.lit.guard)
         if hp.optimizer == "adamw":
-            # the fused CUDA kernel: one launch per step instead of ~10 per tensor group (host-bound steps)
-            on_cuda = all(p.is_cuda for g in param_groups for p in g["params"])
-            opt = torch.optim.AdamW(param_groups, lr=hp.lr, betas=tuple(hp.betas), fused=True if on_cuda else None)
+            opt = torch.optim.AdamW(param_groups, lr=hp.lr, betas=tuple(hp.betas), fused=True)
         elif hp.optimizer == "sgd":
-            opt = torch.optim.SGD(param_groups, lr=hp.lr, momentum=hp.momentum)
+            opt = torch.optim.SGD(param_groups, lr=hp.lr, momentum=hp.momentum, fused=True)
         else:
             raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {hp.optimizer!r}.")
         total = max(1, int(self.trainer.estimated_stepping_batches))
@@ -304,6 +315,7 @@ class SegModule(L.LightningModule):
         self._drop_graphs()
 
     def on_validation_start(self) -> None:
+        self._guard.check(self._term_names)
         self._use_graphs()
 
     def on_validation_end(self) -> None:

@@ -12,7 +12,24 @@ from rich.table import Table
 
 
 class SegProgressBar(RichProgressBar):
-    """Rich progress bar whose training line reads ``step s/S · epoch e`` (dtop trains by steps)."""
+    """Rich progress bar whose training line reads ``step s/S · epoch e`` (dtop trains by steps).
+
+    It shows the training loss, read on logging steps only: reading a logged value is a host sync, and
+    one every step would make the host wait for the GPU instead of issuing the next step (Lightning
+    reads every ``prog_bar=True`` value at every step, so the loss is logged without it).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._shown: dict[str, Any] | None = None
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        if self._shown is None or not trainer.training or trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
+            self._shown = super().get_metrics(trainer, pl_module)
+            loss = trainer.callback_metrics.get("train/loss")
+            if loss is not None:
+                self._shown["train/loss"] = float(loss)
+        return self._shown
 
     def _get_train_description(self, current_epoch: int) -> str:
         trainer = self.trainer

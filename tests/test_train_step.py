@@ -1,0 +1,130 @@
+"""The training step as ``dtop-train`` runs it: no host sync per step, and a non-finite step is skipped on the
+device and reported with its step number, the weights and the resumable checkpoint left finite."""
+
+from __future__ import annotations
+
+import traceback
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dtop.cli.common import CONFIG_PATH, cli
+from dtop.cli.train import train
+from dtop.lit.guard import NonFiniteGuard
+from dtop.lit.module import SegModule
+
+SMALL = [
+    "logger=csv",
+    "data.train_size=32",
+    "data.val_size=4",
+    "data.batch_size=2",
+    "data.val_batch_size=2",
+    "data.num_workers=0",
+    "data.image_size=[32,32]",
+    "model.backbone.depth=4",
+    "model.prune_layers=[2,3]",
+    "callbacks.dashboard.log_images=false",
+    "test=false",
+]
+# what reads a device value on the host: .item(), float(t), bool(t), int(t)
+READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default, torch.ops.aten.item.default)
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts host reads of tensor values per training step, outside the optimiser's own bookkeeping."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trainer = None
+        self.per_step: Counter[int] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in READS and self.trainer is not None and self.trainer.training:
+            frames = [f for f in traceback.extract_stack()[:-1] if "torch/_" not in f.filename.replace("\\", "/")]
+            if "torch/optim/" not in frames[-1].filename.replace("\\", "/"):
+                self.per_step[self.trainer.global_step] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _cfg(tmp_path: Path, *overrides: str):
+    with initialize_config_dir(CONFIG_PATH, version_base="1.3"):
+        return compose("train", overrides=[*SMALL, *overrides, f"paths.output_dir={tmp_path}"])
+
+
+def test_training_steps_read_nothing_from_the_device_between_logging_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads = _HostReads()
+    fit_start = SegModule.on_fit_start
+
+    def on_fit_start(self: SegModule) -> None:
+        reads.trainer = self.trainer
+        fit_start(self)
+
+    monkeypatch.setattr(SegModule, "on_fit_start", on_fit_start)
+    cfg = _cfg(tmp_path, "trainer.max_steps=9", "trainer.log_every_n_steps=4", "trainer.val_check_interval=8")
+    with reads:
+        train(cfg)
+    assert reads.trainer is not None and reads.trainer.global_step == 9
+    # the non-finite check and the progress bar read at logging steps (4, 8) and at the first step only
+    quiet = {step: n for step, n in reads.per_step.items() if step % 4 and step not in (0, 1, 9)}
+    assert quiet == {}, f"host reads per training step: {dict(reads.per_step)}"
+    assert reads.per_step[4] > 0  # the counter sees the reads that do happen
+
+
+def test_a_non_finite_loss_is_skipped_and_reported_with_its_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    loss = SegModule._loss
+
+    def nan_at_step_3(self: SegModule, out, target, images):
+        terms = loss(self, out, target, images)
+        if self.global_step == 3:
+            terms["decode/ce"] = terms["decode/ce"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(SegModule, "_loss", nan_at_step_3)
+    cfg = _cfg(tmp_path, "trainer.max_steps=20", "trainer.log_every_n_steps=5", "trainer.val_check_interval=20")
+    with pytest.raises(SystemExit) as stop:
+        cli(train)(cfg)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert "Non-finite loss at step 3: {'decode/ce': nan" in err and "skipped that step" in err
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 5  # stopped at the first logging step after the bad one
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    steps = {float(s["step"]) for s in ckpt["optimizer_states"][0]["state"].values()}
+    assert steps == {4.0}  # five steps taken, one skipped by the fused optimiser
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_guard_skips_non_finite_gradients_of_a_finite_loss(optimizer: str) -> None:
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = (
+        torch.optim.AdamW([w], lr=0.1, fused=True)
+        if optimizer == "adamw"
+        else torch.optim.SGD([w], lr=0.1, momentum=0.9, fused=True)
+    )
+    guard = NonFiniteGuard()
+    for step, grad in enumerate([1.0, float("inf"), 1.0]):
+        loss = guard.loss(torch.stack([(w * 0).sum() + 1.0]), step)
+        loss.backward()
+        w.grad = torch.full_like(w, grad)
+        before = w.detach().clone()
+        guard.before_step(opt, step, skip=True)
+        opt.step()
+        opt.zero_grad()
+        assert torch.equal(w.detach(), before) == (step == 1)
+    with pytest.raises(FloatingPointError, match=r"Non-finite gradients at step 1 \(the loss was finite\)"):
+        guard.check(["ce"])
+
+
+def test_guard_without_a_non_finite_step_does_not_raise() -> None:
+    guard = NonFiniteGuard()
+    guard.check(["ce"])
+    guard.loss(torch.tensor([0.5, 0.25]), 0)
+    guard.check(["ce", "aux"])
