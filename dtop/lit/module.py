@@ -254,7 +254,7 @@ class SegModule(L.LightningModule):
         metrics.update(pred, target)
         valid = target != self.hparams.ignore_index
         correct = ((pred == target) & valid).flatten(1).sum(1).float()
-        pix_acc = (100 * correct / valid.flatten(1).sum(1).clamp(min=1)).tolist()
+        pix_acc = 100 * correct / valid.flatten(1).sum(1).clamp(min=1)
         for i in range(min(len(batch["id"]), self.max_visuals - len(self.visuals))):
             shown = images.shape[-2:]  # the exit map covers the model's input: show prediction and labels there
             self.visuals.append(
@@ -266,22 +266,26 @@ class SegModule(L.LightningModule):
                     "exit_stage": stats["exit_stage"][i].cpu(),
                 }
             )
-        tokens = stats["tokens_per_stage"].tolist()
-        exits = stats["exits_per_stage"].tolist()
-        per_class = stats["exits_per_class"].tolist()
-        windows = stats["windows"].tolist()
-        gm = {f"{k}{d}": (stats[f"macs{k}{d}"] / 1e9).tolist() for k in MAC_KINDS for d in ("", "_dense")}
+        gm_keys = [f"macs{k}{d}" for k in MAC_KINDS for d in ("", "_dense")]
+        parts = [pix_acc, stats["windows"], *(stats[k] / 1e9 for k in gm_keys)]
+        parts += [stats["tokens_per_stage"], stats["exits_per_stage"], stats["exits_per_class"]]
+        S, K = stats["exits_per_class"].shape[1:]
+        # one copy to the host for the whole batch (counts are exact in float64)
+        table = torch.cat([t.reshape(len(pix_acc), -1).to(torch.float64) for t in parts], 1).cpu()
+        scalars, table = table[:, : 2 + len(gm_keys)].tolist(), table[:, 2 + len(gm_keys) :].long()
+        tokens, exits, per_class = table[:, :S].tolist(), table[:, S : 2 * S].tolist(), table[:, 2 * S :].tolist()
         names = self.class_names
         for i, image_id in enumerate(batch["id"]):
+            acc, windows, *gm = scalars[i]
             row: dict[str, Any] = {
                 "image_id": image_id,
-                **{f"gmacs{k}": v[i] for k, v in gm.items()},
-                "windows": int(windows[i]),
-                "pixel_acc": pix_acc[i],
+                **{f"gmacs{k.removeprefix('macs')}": v for k, v in zip(gm_keys, gm, strict=True)},
+                "windows": int(windows),
+                "pixel_acc": acc,
             }
             row.update({f"tokens_s{s}": t for s, t in enumerate(tokens[i])})
             row.update({f"exits_s{s}": e for s, e in enumerate(exits[i])})
-            row.update({f"exits_s{s}.{names[c]}": n for s, per in enumerate(per_class[i]) for c, n in enumerate(per)})
+            row.update({f"exits_s{s}.{names[c]}": per_class[i][s * K + c] for s in range(S) for c in range(K)})
             self.per_image.append(row)
 
     @property
