@@ -28,16 +28,19 @@ class NonFiniteGuard:
         self.terms: Tensor | None = None  # that step's loss terms
         self._pending: Tensor | None = None  # the loss was not finite since the last optimiser step
 
-    def _record(self, bad: Tensor, step: int, kind: float, terms: Tensor) -> None:
+    def _record(self, bad: Tensor, step: int, kind: float, terms: Tensor | None = None) -> None:
         """Keep (step, kind, terms) if ``bad`` and nothing is kept yet: device ops with host scalars, no sync."""
-        if self.step is None or self.terms is None or self.terms.shape != terms.shape:
+        if terms is not None and (self.terms is None or self.terms.shape != terms.shape):
             self.step = torch.full((), -1, dtype=torch.long, device=terms.device)
             self.kind = torch.zeros((), dtype=torch.float32, device=terms.device)
             self.terms = torch.zeros_like(terms, dtype=torch.float32)
+        if self.step is None or self.kind is None or self.terms is None:
+            return
         take = bad & (self.step < 0)
         self.step = torch.where(take, step, self.step)
         self.kind = torch.where(take, kind, self.kind)
-        self.terms = torch.where(take, terms.detach().float(), self.terms)
+        if terms is not None:
+            self.terms = torch.where(take, terms.detach().float(), self.terms)
 
     def loss(self, terms: Tensor, step: int) -> Tensor:
         """The loss, the sum of the step's terms [T]; kept with ``step`` if it is the first non-finite one."""
@@ -54,8 +57,7 @@ class NonFiniteGuard:
         if not grads:
             return
         bad = ~torch.isfinite(torch.nn.utils.get_total_norm(grads))
-        if self.terms is not None:
-            self._record(bad, step, GRADIENTS, torch.full_like(self.terms, float("nan")))
+        self._record(bad, step, GRADIENTS)
         if self._pending is not None:
             bad = bad | self._pending
         self._pending = None
