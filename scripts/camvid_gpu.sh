@@ -6,6 +6,8 @@
 #   bash scripts/camvid_gpu.sh speed   OUT   # images/s (bf16) of the ξ=0.99 finetuned model on val images (needs tuned)
 #   bash scripts/camvid_gpu.sh evalspeed OUT # dense training (STEPS, default 3000), then dtop-eval's images/s
 #                                            # dense (ξ=1) vs DToP@Direct (ξ=$EVAL_THR), CUDA graphs on/off, batch 1/16
+#   bash scripts/camvid_gpu.sh trainspeed OUT # dtop-train's own throughput (metrics.json train_speed), TRAIN_STEPS
+#                                            # steps from the dense checkpoint: dense (ξ=1) vs DToP@Finetune (ξ=$EVAL_THR)
 set -uo pipefail
 stage=$1; out=$2; mkdir -p "$out"
 A=.assets
@@ -56,6 +58,17 @@ if [ "$stage" = evalspeed ]; then
     python -m dtop.cli.bench "${b[@]}" batch_size=$bs iters=40 hydra.run.dir=logs/camvid/bench_$bs \
       2>&1 | tail -1 >> "$out/camvid_bench.jsonl"
   done
+fi
+if [ "$stage" = trainspeed ]; then
+  for thr in 1.0 ${EVAL_THR:-0.98}; do
+    d=logs/camvid/trainspeed/xi$thr
+    python -m dtop.cli.train experiment=camvid_dtop_fcn "${paths[@]}" module.init_ckpt=$ck model.pruning.threshold=$thr \
+      trainer.max_steps=${TRAIN_STEPS:-300} trainer.val_check_interval=${TRAIN_STEPS:-300} eval_dense=false \
+      hydra.run.dir=$d > "$out/trainspeed.log" 2>&1 || tail -30 "$out/trainspeed.log"
+    python -c "import json; m=json.load(open('$d/metrics.json')); print(json.dumps({'xi': $thr, \
+      **{k: m.get(k) for k in ('train_speed', 'mIoU', 'keep_ratio_per_stage')}}))" >> "$out/camvid_trainspeed.jsonl"
+  done
+  cat "$out/camvid_trainspeed.jsonl"
 fi
 if [ "$stage" = speed ]; then
   b=(experiment=camvid_dtop_fcn ckpt_path=logs/camvid/finetune_0.99/checkpoints/best.ckpt model.pruning.threshold=0.99

@@ -85,7 +85,7 @@ def _result(run: Path) -> dict:
         return {k: measured(v) if isinstance(v, dict) else v for k, v in d.items() if k != "images_per_s"}
 
     metrics = json.loads((run / "metrics.json").read_text())
-    return measured({k: v for k, v in metrics.items() if k not in ("config", "checkpoint")})
+    return measured({k: v for k, v in metrics.items() if k not in ("config", "checkpoint", "train_speed")})
 
 
 @pytest.mark.slow

@@ -313,6 +313,13 @@ def evaluate_checkpoint(
             )
         }
     metrics["checkpoint"] = ckpt_path
+    timed = module.train_speed
+    if timed["steps"] > 0:  # this process trained the model: its throughput, validation and warm-up left out
+        metrics["train_speed"] = {
+            "images_per_s": round(timed["images"] / timed["seconds"], 2),
+            "steps_per_s": round(timed["steps"] / timed["seconds"], 3),
+            "timed_steps": timed["steps"],
+        }
     if writer:
         write_metrics(out_dir, metrics, cfg)
     return metrics

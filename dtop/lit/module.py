@@ -107,6 +107,9 @@ class SegModule(L.LightningModule):
         self._infer_time, self._infer_images = 0.0, 0  # seconds and images of inference in the eval epoch
         self._guard = NonFiniteGuard()  # non-finite steps: skipped on the device, reported at the next sync
         self._term_names: list[str] = []
+        self._train_images = 0  # images this rank trained on
+        self._window: tuple[float, int, int] | None = None  # (clock, step, images) at the last logging step
+        self.train_speed = {"seconds": 0.0, "steps": 0, "images": 0}  # timed logging-step windows of training
 
     # ---------------------------------------------------------------- training
     def on_fit_start(self) -> None:
@@ -167,6 +170,7 @@ class SegModule(L.LightningModule):
         self._term_names = list(terms)
         loss = self._guard.loss(torch.stack(list(terms.values())), self.global_step)
         B = images.shape[0]
+        self._train_images += B
         self.log("train/loss", loss, batch_size=B)  # shown by SegProgressBar on logging steps
         self.log_dict({f"train/{k}": v for k, v in terms.items()}, batch_size=B)
         keep = out.stats["tokens_per_stage"].float().mean(0) / out.stats["tokens_per_stage"][:, 0].float().mean()
@@ -182,6 +186,19 @@ class SegModule(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:  # Lightning reads the device here too
             self._guard.check(self._term_names)
+            self._time_training()
+
+    def _time_training(self) -> None:
+        """Training throughput between two logging steps, everything included (data, Lightning, syncs); a window
+        with a validation run or the first steps' warm-up (compilation, autotuning) in it is not timed."""
+        now, step = self._clock(), self.global_step
+        images = self._train_images * self.trainer.world_size
+        if self._window is not None and step > self._window[1]:
+            seconds, steps, imgs = now - self._window[0], step - self._window[1], images - self._window[2]
+            for key, value in (("seconds", seconds), ("steps", steps), ("images", imgs)):
+                self.train_speed[key] += value
+            self.log("train/images_per_s", imgs / seconds)
+        self._window = (now, step, images)
 
     def on_train_end(self) -> None:
         self._guard.check(self._term_names)
@@ -320,6 +337,7 @@ class SegModule(L.LightningModule):
 
     def on_validation_start(self) -> None:
         self._guard.check(self._term_names)
+        self._window = None  # the next training window starts after this validation
         self._use_graphs()
 
     def on_validation_end(self) -> None:
