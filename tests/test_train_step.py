@@ -130,3 +130,61 @@ def test_guard_without_a_non_finite_step_does_not_raise() -> None:
     guard.check(["ce"])
     guard.loss(torch.tensor([0.5, 0.25]), 0)
     guard.check(["ce", "aux"])
+
+
+def test_guard_leaves_inf_gradients_to_a_grad_scaler() -> None:
+    """Without ``skip`` (fp16: the GradScaler skips inf-gradient steps as part of its scaling) only the loss counts."""
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w], lr=0.1, fused=True)
+    guard = NonFiniteGuard()
+    guard.loss(torch.stack([(w * 0).sum() + 1.0]), 0).backward()
+    w.grad = torch.full_like(w, float("inf"))
+    guard.before_step(opt, 0, skip=False)
+    assert getattr(opt, "found_inf", None) is None
+    guard.check(["ce"])
+    guard.loss(torch.stack([(w * 0).sum() + float("nan")]), 1)
+    guard.before_step(opt, 1, skip=False)
+    with pytest.raises(FloatingPointError, match="Non-finite loss at step 1"):
+        guard.check(["ce"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_training_step_with_the_guard_never_syncs() -> None:
+    """Forward, loss, backward, guard and fused AdamW of the unpruned model: no host sync at all
+    (``torch.cuda.set_sync_debug_mode('error')`` raises on any)."""
+    from functools import partial
+
+    from dtop.losses import cross_entropy
+    from dtop.models.build import build_segmentor
+    from dtop.models.heads.fcn import FCNHead
+    from dtop.models.policies import DToP
+    from dtop.models.vit import ViTBackbone
+
+    torch.manual_seed(0)
+    backbone = ViTBackbone("vit_tiny_patch16_224", img_size=64, depth=4)
+    head = partial(FCNHead, channels=32)
+    model = build_segmentor(backbone, head, 5, head, [2], DToP(1.0)).cuda().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    images = torch.randn(2, 3, 64, 64, device="cuda")
+    labels = torch.randint(0, 5, (2, 64, 64), device="cuda")
+    guard = NonFiniteGuard()
+
+    def step(i: int) -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(images)
+            maps = [out.logits, *out.stage_logits]
+            terms = torch.stack([cross_entropy(model.upsampled(m, out), labels) for m in maps])
+        guard.loss(terms, i).backward()
+        guard.before_step(opt, i, skip=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step(0)  # first-call work (allocations, kernel compilation) may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(1, 3):
+            step(i)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    guard.check(["ce", "aux"])

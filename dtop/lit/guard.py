@@ -52,17 +52,15 @@ class NonFiniteGuard:
 
     def before_step(self, optimizer: Optimizer, step: int, skip: bool) -> None:
         """Before the optimiser step: with ``skip`` the fused optimiser skips it if the loss or any gradient is
-        not finite (gradients are reduced across ranks by then, so every rank skips alike)."""
+        not finite (gradients are reduced across ranks by then, so every rank skips alike). Without it (a
+        GradScaler skips fp16 steps with inf gradients itself, as part of its scaling) only the loss counts."""
+        pending, self._pending = self._pending, None
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not grads:
+        if not skip or not grads:
             return
         bad = ~torch.isfinite(torch.nn.utils.get_total_norm(grads))
         self._record(bad, step, GRADIENTS)
-        if self._pending is not None:
-            bad = bad | self._pending
-        self._pending = None
-        if skip:
-            optimizer.found_inf = bad.to(torch.float32)
+        optimizer.found_inf = (bad if pending is None else bad | pending).to(torch.float32)
 
     def check(self, names: list[str]) -> None:
         """Raise for the recorded step (one host sync; under DDP every rank raises for the earliest one)."""
