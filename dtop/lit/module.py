@@ -109,6 +109,7 @@ class SegModule(L.LightningModule):
         self._term_names: list[str] = []
         self._train_images = 0  # images this rank trained on
         self._window: tuple[float, int, int] | None = None  # (clock, step, images) at the last logging step
+        self._logged_step, self._paused = -1, 0.0  # the last logging step seen; when validation paused the clock
         self.train_speed = {"seconds": 0.0, "steps": 0, "images": 0}  # timed logging-step windows of training
 
     # ---------------------------------------------------------------- training
@@ -184,16 +185,18 @@ class SegModule(L.LightningModule):
         self._guard.before_step(optimizer, self.global_step, skip)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:  # Lightning reads the device here too
+        step = self.global_step  # the same over the micro-batches of one accumulated step
+        if step > 0 and step % max(self.trainer.log_every_n_steps, 1) == 0 and step != self._logged_step:
+            self._logged_step = step  # Lightning reads the device on this step too
             self._guard.check(self._term_names)
             self._time_training()
 
     def _time_training(self) -> None:
-        """Training throughput between two logging steps, everything included (data, Lightning, syncs); a window
-        with a validation run or the first steps' warm-up (compilation, autotuning) in it is not timed."""
+        """Training throughput between two logging steps, everything included (data, Lightning, syncs) but
+        validation (the clock pauses) and the warm-up before the first logging step (compilation, autotuning)."""
         now, step = self._clock(), self.global_step
         images = self._train_images * self.trainer.world_size
-        if self._window is not None and step > self._window[1]:
+        if self._window is not None:
             seconds, steps, imgs = now - self._window[0], step - self._window[1], images - self._window[2]
             for key, value in (("seconds", seconds), ("steps", steps), ("images", imgs)):
                 self.train_speed[key] += value
@@ -226,6 +229,9 @@ class SegModule(L.LightningModule):
             opt = torch.optim.AdamW(param_groups, lr=hp.lr, betas=tuple(hp.betas), fused=True)
         elif hp.optimizer == "sgd":
             opt = torch.optim.SGD(param_groups, lr=hp.lr, momentum=hp.momentum, fused=True)
+            if hp.momentum > 0:  # fused SGD leaves new buffers uninitialised if its first step is skipped
+                for p in (p for group in param_groups for p in group["params"]):
+                    opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
         else:
             raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {hp.optimizer!r}.")
         total = max(1, int(self.trainer.estimated_stepping_batches))
@@ -337,11 +343,14 @@ class SegModule(L.LightningModule):
 
     def on_validation_start(self) -> None:
         self._guard.check(self._term_names)
-        self._window = None  # the next training window starts after this validation
+        self._paused = self._clock()
         self._use_graphs()
 
     def on_validation_end(self) -> None:
         self._drop_graphs()
+        if self._window is not None:  # training resumes: the window's clock skips the validation
+            start, step, images = self._window
+            self._window = (start + self._clock() - self._paused, step, images)
 
     def on_validation_epoch_start(self) -> None:
         self.per_image, self.visuals = [], []
