@@ -27,6 +27,7 @@ from rich.table import Table
 from dtop.checkpoint import load_model_weights
 from dtop.cli.common import cli, describe_cfg, hydra_app, json_safe, log, use_checkpoint_config, write_json
 from dtop.errors import ConfigError
+from dtop.lit.guard import NonFiniteGuard
 from dtop.losses import cross_entropy
 from dtop.models.engine import Segmentor, SegOutput
 from dtop.models.graphs import GraphedSegmentor
@@ -404,31 +405,35 @@ def _bench_train(
     decisions: Decisions,
 ) -> dict[str, float]:
     """One optimiser step as ``dtop-train`` takes it: forward under autocast, CE on the final and every
-    stage map at full resolution, backward, AdamW (fused on CUDA)."""
+    stage map at full resolution, backward, the non-finite guard, fused AdamW."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-6, fused=True if device.type == "cuda" else None)  # as dtop-train
-    macs: dict[bool, list[float]] = {True: [], False: []}
+    opt = torch.optim.AdamW(params, lr=1e-6, fused=True)  # as dtop-train
+    guard = NonFiniteGuard()
+    macs: dict[bool, list[torch.Tensor]] = {True: [], False: []}  # kept on the device: no sync in the step
 
     def step(i: int, dense: bool) -> None:
         images, labels = inputs(i)
         with autocast, model.dense_mode() if dense else nullcontext():
             out = model(images)
-            loss = sum(cross_entropy(model.upsampled(m, out), labels) for m in [out.logits, *out.stage_logits])
+            maps = [out.logits, *out.stage_logits]
+            loss = guard.loss(torch.stack([cross_entropy(model.upsampled(m, out), labels) for m in maps]), i)
         if len(macs[dense]) < 8:
-            macs[dense].append(float(out.stats["macs"].mean()))
+            macs[dense].append(out.stats["macs"].mean().detach())
         loss.backward()
+        guard.before_step(opt, i, skip=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     dense_t = _measure(lambda i: step(i, True), cfg.warmup, cfg.iters, device)
     pruned_t = _measure(lambda i: step(i, False), cfg.warmup, cfg.iters, device, decisions.set)
+    guard.check(["decode", *(f"aux{s}" for s in range(len(model.aux_heads)))])
     model.eval()
     return {
         "dense_ms": dense_t["ms"],
         "pruned_ms": pruned_t["ms"],
         "speedup": dense_t["ms"] / pruned_t["ms"],
-        "gmacs_ratio_fwd": statistics.mean(macs[False]) / statistics.mean(macs[True]),
+        "gmacs_ratio_fwd": float(torch.stack(macs[False]).mean() / torch.stack(macs[True]).mean()),
         "dense_peak_mib": dense_t["peak_mib"],
         "pruned_peak_mib": pruned_t["peak_mib"],
     }
