@@ -111,6 +111,36 @@ def test_threshold_change_uses_new_graphs():
     assert len(runner.contexts) == 2
 
 
+class _Recorded:
+    """Stands in for a captured graph on the CPU: the capture ran the program once, a replay does nothing."""
+
+    def replay(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("capture_after", [1, 2])
+def test_a_size_is_captured_when_asked_for_the_capture_after_th_time(monkeypatch, capture_after):
+    model = make_model(policy=DToP(0.3, k=1))
+    captures: list[int] = []
+
+    def capture(self, program, ctx):
+        captures.append(len(self.graphs))
+        return _Recorded(), program()
+
+    monkeypatch.setattr(StageGraphs, "_capture", capture)
+    runner = StageGraphs(bucket=8, capture=True, capture_after=capture_after)
+    images = torch.randn(2, 3, 48, 64)
+    with torch.no_grad():
+        eager = model(images, keep_stages=False)
+        groups = len(runner._context(model, images)[0].groups)
+        for call in range(3):  # the same images: every call asks for the same sizes
+            _same(runner.run(model, images), eager)
+            assert len(runner.graphs) == (groups if call + 1 >= capture_after else 0), call
+    assert groups == 3 and len(captures) == groups and not runner.requests
+    with pytest.raises(ValueError, match="capture_after"):
+        StageGraphs(capture_after=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("batch", [4, 1])  # batch 1: cuDNN over the bucket with the phantom's keys hidden
 def test_captured_graphs_equal_eager_on_cuda(batch):
@@ -191,6 +221,7 @@ def _metrics(result: dict) -> dict:
 def test_evaluation_loops_on_the_cpu_run_eagerly_and_report_throughput():
     val, test = _evaluate_twice("cpu", "auto")
     assert _metrics(val) == _metrics(test) and test["images_per_s"] > 0
+    assert 0 < test["images_per_s_wall"] < test["images_per_s"] and test["graphs_captured"] == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

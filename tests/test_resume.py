@@ -82,7 +82,8 @@ def _result(run: Path) -> dict:
     """Every metric of a run, less what differs between two runs of the same computation (wall clock)."""
 
     def measured(d: dict) -> dict:
-        return {k: measured(v) if isinstance(v, dict) else v for k, v in d.items() if k != "images_per_s"}
+        timing = ("images_per_s", "images_per_s_wall")
+        return {k: measured(v) if isinstance(v, dict) else v for k, v in d.items() if k not in timing}
 
     metrics = json.loads((run / "metrics.json").read_text())
     return measured({k: v for k, v in metrics.items() if k not in ("config", "checkpoint", "train_speed")})

@@ -253,6 +253,7 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         infer_autocast = autocast
     decisions = Decisions(model, cfg, B, size, device)
     infer_dtype = next(model.parameters()).dtype
+    # capture at once (capture_after=1): the warm-up captures the sizes that the timed calls then replay
     graphed = GraphedSegmentor(model, int(cfg.graph_bucket)) if cfg.cuda_graphs and device.type == "cuda" else None
     runner: Segmentor | GraphedSegmentor = graphed if graphed is not None else model
 

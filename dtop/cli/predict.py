@@ -167,7 +167,8 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     ]
     device, amp = device_and_dtype(str(cfg.device), str(cfg.precision))
     model.to(device)
-    run: Segmentor | GraphedSegmentor = GraphedSegmentor(model) if cfg.cuda_graphs and device.type == "cuda" else model
+    graphs = cfg.cuda_graphs and device.type == "cuda"
+    run: Segmentor | GraphedSegmentor = GraphedSegmentor(model, capture_after=2) if graphs else model  # distinct images
     patch, colors = model.backbone.patch_size, stage_colors(model.num_stages)
     alpha = float(cfg.overlay_alpha)
     rows: list[dict[str, Any]] = []

@@ -105,6 +105,7 @@ class SegModule(L.LightningModule):
         self.last_eval: dict[str, Any] = {}
         self._graphed: GraphedSegmentor | None = None  # inference replayed as CUDA graphs (see _use_graphs)
         self._infer_time, self._infer_images = 0.0, 0  # seconds and images of inference in the eval epoch
+        self._eval_start = 0.0  # clock at the start of the eval epoch
         self._guard = NonFiniteGuard()  # non-finite steps: skipped on the device, reported at the next sync
         self._term_names: list[str] = []
         self._train_images = 0  # images this rank trained on
@@ -328,7 +329,7 @@ class SegModule(L.LightningModule):
         mode = self.hparams.cuda_graphs
         fitting = self.trainer.state.fn == TrainerFn.FITTING
         if self.device.type == "cuda" and (mode is True or (mode == "auto" and not fitting)):
-            self._graphed = GraphedSegmentor(self.model)
+            self._graphed = GraphedSegmentor(self.model, capture_after=2)  # eval images are distinct
 
     def _drop_graphs(self) -> None:
         """Graphs read the weights' and buffers' addresses: Lightning may move the model between loops, so
@@ -354,7 +355,7 @@ class SegModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self.per_image, self.visuals = [], []
-        self._infer_time, self._infer_images = 0.0, 0
+        self._infer_time, self._infer_images, self._eval_start = 0.0, 0, self._clock()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics)
@@ -364,7 +365,7 @@ class SegModule(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self.per_image, self.visuals = [], []
-        self._infer_time, self._infer_images = 0.0, 0
+        self._infer_time, self._infer_images, self._eval_start = 0.0, 0, self._clock()
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics)
@@ -384,6 +385,7 @@ class SegModule(L.LightningModule):
             key: {name: round(v, 2) if math.isfinite(v) else None for name, v in values.items()}
             for key, values in per_class.items()
         }
+        wall, local = self._clock() - self._eval_start, len(self.per_image)  # this device's loop, before gathering
         sampler = eval_loader_sampler(self._trainer, prefix)
         self.per_image = gather_eval_rows(self.per_image, sampler)
         self.visuals = gather_eval_visuals(self.visuals, sampler, self.max_visuals)
@@ -391,6 +393,9 @@ class SegModule(L.LightningModule):
         result.update(summary)
         # inference alone (forward, labels at the label size), on this device: no data loading or metrics
         result["images_per_s"] = round(self._infer_images / self._infer_time, 2) if self._infer_time > 0 else None
+        # the whole loop on this device: data, inference with its graph captures, metrics and statistics
+        result["images_per_s_wall"] = round(local / wall, 2) if wall > 0 else None
+        result["graphs_captured"] = self._graphed.captured if self._graphed is not None else 0
         self.last_eval = result
         scalars = {f"{prefix}/{k}": float(v) for k, v in result.items() if isinstance(v, (int, float))}
         scalars.update(
