@@ -46,7 +46,8 @@ if [ "$stage" = evalspeed ]; then
         python -m dtop.cli.evaluate ckpt_path=$ck "${paths[@]}" model.pruning.threshold=$thr module.cuda_graphs=$g \
           data.val_batch_size=$bs hydra.run.dir=$d > "$out/evalspeed.log" 2>&1 || tail -30 "$out/evalspeed.log"
         python -c "import json,sys; m=json.load(open('$d/metrics.json')); print(json.dumps({'xi': $thr, 'cuda_graphs': '$g', \
-          'batch': $bs, **{k: m.get(k) for k in ('mIoU', 'images_per_s', 'gmacs', 'keep_ratio_per_stage')}}))" \
+          'batch': $bs, **{k: m.get(k) for k in ('mIoU', 'images_per_s', 'images_per_s_wall', 'graphs_captured', 'gmacs',
+          'keep_ratio_per_stage')}}))" \
           >> "$out/camvid_evalspeed.jsonl" 2>/dev/null
       done
     done
