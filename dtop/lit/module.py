@@ -181,7 +181,7 @@ class SegModule(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """A non-finite step is skipped by the fused optimiser (a GradScaler, under fp16, skips it itself)."""
+        """A step with non-finite gradients is skipped by the fused optimiser (under fp16 a GradScaler skips it)."""
         skip = bool(optimizer.defaults.get("fused")) and getattr(self.trainer.precision_plugin, "scaler", None) is None
         self._guard.before_step(optimizer, self.global_step, skip)
 
