@@ -43,7 +43,7 @@ if [ "$stage" = evalspeed ]; then
     for g in ${GRAPHS:-true false}; do
       for thr in 1.0 ${EVAL_THR:-0.98}; do
         d=logs/camvid/evalspeed/xi${thr}_graphs-${g}_b$bs
-        python -m dtop.cli.evaluate ckpt_path=$ck "${paths[@]}" model.pruning.threshold=$thr module.cuda_graphs=$g \
+        python -m dtop.cli.evaluate ckpt_path=$ck "${paths[@]}" trainer=gpu model.pruning.threshold=$thr module.cuda_graphs=$g \
           data.val_batch_size=$bs hydra.run.dir=$d > "$out/evalspeed.log" 2>&1 || tail -30 "$out/evalspeed.log"
         python -c "import json,sys; m=json.load(open('$d/metrics.json')); print(json.dumps({'xi': $thr, 'cuda_graphs': '$g', \
           'batch': $bs, **{k: m.get(k) for k in ('mIoU', 'images_per_s', 'images_per_s_wall', 'graphs_captured', 'gmacs',

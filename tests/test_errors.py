@@ -223,3 +223,16 @@ def test_gpu_trainer_without_a_gpu_falls_back_to_the_cpu() -> None:
         )
     trainer = make_trainer(cfg)
     assert trainer.accelerator.__class__.__name__ == "CPUAccelerator" and trainer.precision == "32-true"
+
+
+def test_cpu_trainer_on_a_machine_with_a_gpu_says_how_to_use_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with initialize_config_dir(CONFIG_PATH, version_base="1.3"):
+        overrides = ["ckpt_path=x.ckpt", "logger=none", "callbacks=none", "trainer.default_root_dir=/tmp/dtop-cpu"]
+        cfg = compose("eval", overrides=overrides)
+    with caplog.at_level("WARNING", logger="dtop"):
+        trainer = make_trainer(cfg)
+    assert trainer.accelerator.__class__.__name__ == "CPUAccelerator"
+    assert "Add trainer=gpu" in caplog.text

@@ -229,3 +229,31 @@ def test_graphs_of_one_loop_are_not_replayed_in_the_next():
     graphs = _evaluate_twice("gpu", True)
     eager = _evaluate_twice("gpu", False)
     assert _metrics(graphs[0]) == _metrics(graphs[1]) == _metrics(eager[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_capture_survives_another_thread_pinning_memory():
+    """A DataLoader's pin-memory thread pins the next batch while evaluation captures: that must not
+    invalidate the capture (it did under torch's default global capture mode)."""
+    import threading
+
+    model = make_model(policy=DToP(0.3, k=1)).cuda().to(torch.bfloat16)
+    graphed = GraphedSegmentor(model, bucket=16)
+    stop = threading.Event()
+
+    def pin() -> None:
+        while not stop.is_set():
+            torch.empty(1 << 20, dtype=torch.uint8, pin_memory=True)
+
+    worker = threading.Thread(target=pin, daemon=True)
+    worker.start()
+    try:
+        with torch.no_grad():
+            for seed in range(6):
+                images = torch.randn(2, 3, 48, 64, generator=torch.Generator().manual_seed(seed))
+                graphed(images.cuda().to(torch.bfloat16))
+    finally:
+        stop.set()
+        worker.join()
+    torch.cuda.synchronize()
+    assert graphed.captured > 0

@@ -269,6 +269,11 @@ def make_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
             cfg.trainer.accelerator,
         )
         kwargs.update(accelerator="cpu", devices=1, precision="32-true", strategy="auto", sync_batchnorm=False)
+    elif cfg.trainer.get("accelerator") == "cpu" and torch.cuda.is_available():
+        log.warning(
+            "A CUDA device is visible but trainer.accelerator=cpu (trainer=default): running on the CPU. Add "
+            "trainer=gpu for bf16 on the GPU (evaluation then replays CUDA graphs)."
+        )
     kwargs.update(overrides)
     return instantiate(cfg.trainer, **kwargs)
 

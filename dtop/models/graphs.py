@@ -209,7 +209,9 @@ class StageGraphs:
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: CUDA calls of other threads (a DataLoader's pin-memory thread pinning the next batch)
+        # must not invalidate this thread's capture, which global mode lets them do
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = program()
         return graph, out
 
