@@ -18,6 +18,7 @@ from dtop.errors import ConfigError
 from dtop.inference import MAC_KINDS, infer_labels
 from dtop.lit.distributed import eval_loader_sampler, gather_eval_rows, gather_eval_visuals
 from dtop.lit.guard import NonFiniteGuard
+from dtop.lit.progress import logging_step
 from dtop.losses import feature_mse, kl_distillation
 from dtop.metrics import SegMetrics, format_metrics
 from dtop.models.engine import Segmentor, SegOutput
@@ -187,8 +188,8 @@ class SegModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = self.global_step  # the same over the micro-batches of one accumulated step
-        if step > 0 and step % max(self.trainer.log_every_n_steps, 1) == 0 and step != self._logged_step:
-            self._logged_step = step  # Lightning reads the device on this step too
+        if step > 0 and logging_step(self.trainer) and step != self._logged_step:
+            self._logged_step = step
             self._guard.check(self._term_names)
             self._time_training()
 

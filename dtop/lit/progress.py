@@ -11,6 +11,11 @@ from rich import get_console
 from rich.table import Table
 
 
+def logging_step(trainer: L.Trainer) -> bool:
+    """Whether the optimiser step just taken is one Lightning logs at: the run reads the device there anyway."""
+    return trainer.global_step % max(trainer.log_every_n_steps, 1) == 0
+
+
 class SegProgressBar(RichProgressBar):
     """Rich progress bar whose training line reads ``step s/S · epoch e`` (dtop trains by steps).
 
@@ -24,7 +29,7 @@ class SegProgressBar(RichProgressBar):
         self._shown: dict[str, Any] | None = None
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        if self._shown is None or not trainer.training or trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
+        if self._shown is None or not trainer.training or logging_step(trainer):
             self._shown = super().get_metrics(trainer, pl_module)
             loss = trainer.callback_metrics.get("train/loss")
             if loss is not None:
