@@ -3,12 +3,19 @@
 Per-token parts (norms, qkv, projections, MLP, LayerScale) run once over the whole stream; attention
 runs within each image's segment (:func:`~dtop.ops.attention.segment_attention`); stochastic depth
 drops per image, as timm's ``DropPath`` does on a dense batch.
+
+With ``compiled=True`` the per-token parts of a training forward, before and after attention, run as two
+``torch.compile`` functions, dynamic in the number of tokens: every block of a backbone shares them (the block is an
+argument, its weights are inputs), so one compilation serves every block and every pruned token count.
+They fuse the norms, casts, GELU and residual adds and issue a block in a few launches, which is what a
+host-bound training step needs; attention stays outside, on its own kernels.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from timm.layers import DropPath
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
@@ -28,15 +35,18 @@ def _drop_path(module: nn.Module, y: Tensor, stream: TokenStream) -> Tensor:
     return y * keep[stream.batch, None]
 
 
-def _attention(attn: nn.Module, x: Tensor, stream: TokenStream) -> Tensor:
+def _qkv(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Per-token part of attention before the segments meet: q, k, v [T, H, D] and the gate (or None)."""
     T = x.shape[0]
-    heads, head_dim = attn.num_heads, attn.head_dim
     gate_layer = getattr(attn, "gate", None)
     gate = gate_layer(x).sigmoid() if gate_layer is not None else None
-    q, k, v = attn.qkv(x).view(T, 3, heads, head_dim).unbind(1)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    p = attn.attn_drop.p if attn.training else 0.0
-    out = segment_attention(q, k, v, stream, p).reshape(T, heads * head_dim)
+    q, k, v = attn.qkv(x).view(T, 3, attn.num_heads, attn.head_dim).unbind(1)
+    return attn.q_norm(q), attn.k_norm(k), v, gate
+
+
+def _proj(attn: nn.Module, out: Tensor, gate: Tensor | None) -> Tensor:
+    """Per-token part of attention after the segments: [T, H, D] → [T, C]."""
+    out = out.reshape(out.shape[0], -1)
     norm = getattr(attn, "norm", None)  # scale-norm, absent in older timm
     if norm is not None:
         out = norm(out)
@@ -45,15 +55,56 @@ def _attention(attn: nn.Module, x: Tensor, stream: TokenStream) -> Tensor:
     return attn.proj_drop(attn.proj(out))
 
 
+def _attention(attn: nn.Module, x: Tensor, stream: TokenStream) -> Tensor:
+    q, k, v, gate = _qkv(attn, x)
+    p = attn.attn_drop.p if attn.training else 0.0
+    return _proj(attn, segment_attention(q, k, v, stream, p), gate)
+
+
 def block_forward(block: Block, x: Tensor, stream: TokenStream) -> Tensor:
     """timm ``Block.forward`` on packed tokens [T, C] laid out as ``stream``, with the block's own modules."""
     x = x + _drop_path(block.drop_path1, block.ls1(_attention(block.attn, block.norm1(x), stream)), stream)
     return x + _drop_path(block.drop_path2, block.ls2(block.mlp(block.norm2(x))), stream)
 
 
-def blocks_forward(blocks: Sequence[Block], stream: TokenStream) -> TokenStream:
-    """Run consecutive blocks over a stream whose layout does not change in between."""
+def _block_pre(block: Block, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    return _qkv(block.attn, block.norm1(x))
+
+
+def _block_post(
+    block: Block, x: Tensor, out: Tensor, gate: Tensor | None, keep1: Tensor | None, keep2: Tensor | None
+) -> Tensor:
+    y = block.ls1(_proj(block.attn, out, gate))
+    x = x + (y if keep1 is None else y * keep1[:, None])
+    y = block.ls2(block.mlp(block.norm2(x)))
+    return x + (y if keep2 is None else y * keep2[:, None])
+
+
+_compiled_pre = torch.compile(_block_pre, dynamic=True)
+_compiled_post = torch.compile(_block_post, dynamic=True)
+
+
+def _token_keep(module: nn.Module, stream: TokenStream, like: Tensor) -> Tensor | None:
+    """Per-token stochastic-depth factor (None: the path is not dropped), drawn per image as :func:`_drop_path`."""
+    if not isinstance(module, DropPath) or not module.training or module.drop_prob == 0.0:
+        return None
+    return _drop_path(module, like.new_ones(like.shape[0], 1), stream)[:, 0]
+
+
+def compiled_block_forward(block: Block, x: Tensor, stream: TokenStream) -> Tensor:
+    """:func:`block_forward` with its per-token parts compiled (see the module docstring)."""
+    q, k, v, gate = _compiled_pre(block, x)
+    p = block.attn.attn_drop.p if block.attn.training else 0.0
+    out = segment_attention(q, k, v, stream, p)
+    keep1, keep2 = (_token_keep(m, stream, x) for m in (block.drop_path1, block.drop_path2))
+    return _compiled_post(block, x, out, gate, keep1, keep2)
+
+
+def blocks_forward(blocks: Sequence[Block], stream: TokenStream, compiled: bool = False) -> TokenStream:
+    """Run consecutive blocks over a stream whose layout does not change in between; ``compiled`` applies to
+    training (gradients on): inference replays CUDA graphs, which remove the host's part on their own."""
+    forward = compiled_block_forward if compiled and torch.is_grad_enabled() else block_forward
     x = stream.x
     for block in blocks:
-        x = block_forward(block, x, stream)
+        x = forward(block, x, stream)
     return stream.with_x(x)

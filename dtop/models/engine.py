@@ -154,7 +154,7 @@ class Segmentor(HubMixin, nn.Module):
     def run_stage(self, stage: int, stream: TokenStream, state: RunState) -> Decision:
         """One stage: its blocks on the packed stream, then the policy's decision (or, last, the decode head)."""
         state.lengths[:, stage] = stream.cu_seqlens.diff()
-        stream = blocks_forward(self.stage_blocks(stage), stream)
+        stream = blocks_forward(self.stage_blocks(stage), stream, self.backbone.compile_blocks)
         if stage == self.num_stages - 1:
             self.pruning.finish(stream, self.decode_head, self.backbone.norm, state)
         elif self.training or self.prunes_after(stage):

@@ -99,6 +99,8 @@ class ViTBackbone(nn.Module):
     ``pretrained_cfg_overlay`` may override, e.g. ``file=``) through the same loader as ``weights``, so
     every backbone variant takes them (no cls token, another grid, registers): timm's own loader
     cannot reshape a cls-token position embedding for a model without one.
+    ``compile_blocks`` runs the blocks' per-token parts through ``torch.compile``
+    (:mod:`dtop.models.blocks`): for host-bound GPU training steps; it compiles once, on the first step.
     """
 
     def __init__(
@@ -109,9 +111,11 @@ class ViTBackbone(nn.Module):
         weights: str | None = None,
         drop_path_rate: float = 0.0,
         final_norm: bool = True,
+        compile_blocks: bool = False,
         **model_kwargs: Any,
     ) -> None:
         super().__init__()
+        self.compile_blocks = compile_blocks
         vit = timm.create_model(
             name,
             pretrained=False,
