@@ -294,6 +294,7 @@ def bench(cfg: DictConfig) -> dict[str, Any]:
         "dtype": cfg.dtype,
         "precision": cfg.precision,
         "cuda_graphs": graphed is not None,
+        "compile_blocks": model.backbone.compile_blocks,
         "graph_vs_eager_rel_diff": graph_diff,
         "decisions": decisions.describe(),
         "distinct_batches": len(inputs),
