@@ -303,6 +303,25 @@ def test_bad_eval_settings_are_rejected(tmp_path: Path) -> None:
         ADE20KDataModule(tmp_path, batch_size=1, stride=(341, 600))
 
 
+def test_auto_workers_share_the_cores_between_devices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    from types import SimpleNamespace
+
+    from dtop.errors import ConfigError
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    dm = ADE20KDataModule(tmp_path, batch_size=1, num_workers="auto")
+    assert dm.workers == 16  # one process on 32 cores: capped
+    dm.trainer = SimpleNamespace(num_devices=4)
+    assert dm.workers == 7  # 8 cores per device, one left to the device's process
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert dm.workers == 1
+    assert ADE20KDataModule(tmp_path, batch_size=1, num_workers=3).workers == 3
+    for bad in ("many", -1, 2.5):
+        with pytest.raises(ConfigError, match="num_workers"):
+            ADE20KDataModule(tmp_path, batch_size=1, num_workers=bad)
+
+
 # --------------------------------------------------------------------------- configs
 
 

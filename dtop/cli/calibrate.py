@@ -142,7 +142,7 @@ def calibration_loader(dm: Any, max_images: int | None, seed: int | None = None)
         Subset(dataset, indices),
         batch_size=dm.val_batch_size,
         shuffle=False,
-        num_workers=dm.num_workers,
+        num_workers=dm.workers,
         collate_fn=seg_collate,
     )
 

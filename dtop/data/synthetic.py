@@ -319,7 +319,7 @@ class SyntheticDataModule(SegDataModule):
         seed: int = 0,
         batch_size: int = 16,
         val_batch_size: int = 16,
-        num_workers: int = 0,
+        num_workers: int | str = 0,
         pin_memory: bool = False,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,

@@ -79,7 +79,7 @@ class FileListDataModule(SegDataModule, ABC):
         root: str | os.PathLike[str],
         batch_size: int,
         val_batch_size: int = 1,
-        num_workers: int = 0,
+        num_workers: int | str = 0,
         pin_memory: bool = False,
         seed: int = 0,
         scale: Sequence[int] | None = None,
