@@ -24,17 +24,6 @@ from dtop.models.packed import TokenStream
 from dtop.ops.attention import segment_attention
 
 
-def _drop_path(module: nn.Module, y: Tensor, stream: TokenStream) -> Tensor:
-    """Stochastic depth per image (timm's DropPath would drop per token on a packed stream)."""
-    if not isinstance(module, DropPath) or not module.training or module.drop_prob == 0.0:
-        return y
-    keep_prob = 1.0 - module.drop_prob
-    keep = y.new_empty(stream.batch_size).bernoulli_(keep_prob)
-    if module.scale_by_keep:
-        keep = keep / keep_prob
-    return y * keep[stream.batch, None]
-
-
 def _qkv(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Per-token part of attention before the segments meet: q, k, v [T, H, D] and the gate (or None)."""
     T = x.shape[0]
@@ -55,18 +44,6 @@ def _proj(attn: nn.Module, out: Tensor, gate: Tensor | None) -> Tensor:
     return attn.proj_drop(attn.proj(out))
 
 
-def _attention(attn: nn.Module, x: Tensor, stream: TokenStream) -> Tensor:
-    q, k, v, gate = _qkv(attn, x)
-    p = attn.attn_drop.p if attn.training else 0.0
-    return _proj(attn, segment_attention(q, k, v, stream, p), gate)
-
-
-def block_forward(block: Block, x: Tensor, stream: TokenStream) -> Tensor:
-    """timm ``Block.forward`` on packed tokens [T, C] laid out as ``stream``, with the block's own modules."""
-    x = x + _drop_path(block.drop_path1, block.ls1(_attention(block.attn, block.norm1(x), stream)), stream)
-    return x + _drop_path(block.drop_path2, block.ls2(block.mlp(block.norm2(x))), stream)
-
-
 def _block_pre(block: Block, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     return _qkv(block.attn, block.norm1(x))
 
@@ -85,26 +62,33 @@ _compiled_post = torch.compile(_block_post, dynamic=True)
 
 
 def _token_keep(module: nn.Module, stream: TokenStream, like: Tensor) -> Tensor | None:
-    """Per-token stochastic-depth factor (None: the path is not dropped), drawn per image as :func:`_drop_path`."""
+    """Stochastic depth's factor per token, drawn per image (timm's DropPath would drop per token on a packed
+    stream); None where the path is not dropped."""
     if not isinstance(module, DropPath) or not module.training or module.drop_prob == 0.0:
         return None
-    return _drop_path(module, like.new_ones(like.shape[0], 1), stream)[:, 0]
+    keep_prob = 1.0 - module.drop_prob
+    keep = like.new_empty(stream.batch_size).bernoulli_(keep_prob)
+    if module.scale_by_keep:
+        keep = keep / keep_prob
+    return keep[stream.batch]
 
 
-def compiled_block_forward(block: Block, x: Tensor, stream: TokenStream) -> Tensor:
-    """:func:`block_forward` with its per-token parts compiled (see the module docstring)."""
-    q, k, v, gate = _compiled_pre(block, x)
+def block_forward(block: Block, x: Tensor, stream: TokenStream, compiled: bool = False) -> Tensor:
+    """timm ``Block.forward`` on packed tokens [T, C] laid out as ``stream``, with the block's own modules;
+    ``compiled``: its per-token parts compiled (see the module docstring)."""
+    pre, post = (_compiled_pre, _compiled_post) if compiled else (_block_pre, _block_post)
+    q, k, v, gate = pre(block, x)
     p = block.attn.attn_drop.p if block.attn.training else 0.0
     out = segment_attention(q, k, v, stream, p)
     keep1, keep2 = (_token_keep(m, stream, x) for m in (block.drop_path1, block.drop_path2))
-    return _compiled_post(block, x, out, gate, keep1, keep2)
+    return post(block, x, out, gate, keep1, keep2)
 
 
 def blocks_forward(blocks: Sequence[Block], stream: TokenStream, compiled: bool = False) -> TokenStream:
     """Run consecutive blocks over a stream whose layout does not change in between; ``compiled`` applies to
     training (gradients on): inference replays CUDA graphs, which remove the host's part on their own."""
-    forward = compiled_block_forward if compiled and torch.is_grad_enabled() else block_forward
+    compiled = compiled and torch.is_grad_enabled()
     x = stream.x
     for block in blocks:
-        x = forward(block, x, stream)
+        x = block_forward(block, x, stream, compiled)
     return stream.with_x(x)
