@@ -176,13 +176,14 @@ class SegDataModule(L.LightningDataModule):
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: no {stage} dataset; call setup() first")
         self.validate_metadata()
+        workers = self.workers
         return loader(
             dataset,
-            num_workers=self.workers,
+            num_workers=workers,
             pin_memory=self.pin_memory,
-            persistent_workers=self.workers > 0,
+            persistent_workers=workers > 0,
             collate_fn=seg_collate,
-            worker_init_fn=ignore_sigint if self.workers > 0 else None,
+            worker_init_fn=ignore_sigint if workers > 0 else None,
             **kwargs,
         )
 

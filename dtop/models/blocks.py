@@ -5,10 +5,10 @@ runs within each image's segment (:func:`~dtop.ops.attention.segment_attention`)
 drops per image, as timm's ``DropPath`` does on a dense batch.
 
 With ``compiled=True`` the per-token parts of a training forward, before and after attention, run as two
-``torch.compile`` functions, dynamic in the number of tokens: every block of a backbone shares them (the block is an
-argument, its weights are inputs), so one compilation serves every block and every pruned token count.
-They fuse the norms, casts, GELU and residual adds and issue a block in a few launches, which is what a
-host-bound training step needs; attention stays outside, on its own kernels.
+``torch.compile`` functions, dynamic in the number of tokens: every block of a backbone shares them (the
+block is an argument, its weights are inputs), so one compilation serves every block and every pruned
+token count. They fuse the norms, casts, GELU and residual adds and issue a block in a few launches, which
+is what a host-bound training step needs; attention stays outside, on its own kernels.
 """
 
 from __future__ import annotations
@@ -24,34 +24,26 @@ from dtop.models.packed import TokenStream
 from dtop.ops.attention import segment_attention
 
 
-def _qkv(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Per-token part of attention before the segments meet: q, k, v [T, H, D] and the gate (or None)."""
-    T = x.shape[0]
+def _block_pre(block: Block, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Per-token part before the segments meet: q, k, v [T, H, D] of the normed tokens and the gate (or None)."""
+    attn, x = block.attn, block.norm1(x)
     gate_layer = getattr(attn, "gate", None)
     gate = gate_layer(x).sigmoid() if gate_layer is not None else None
-    q, k, v = attn.qkv(x).view(T, 3, attn.num_heads, attn.head_dim).unbind(1)
+    q, k, v = attn.qkv(x).view(x.shape[0], 3, attn.num_heads, attn.head_dim).unbind(1)
     return attn.q_norm(q), attn.k_norm(k), v, gate
-
-
-def _proj(attn: nn.Module, out: Tensor, gate: Tensor | None) -> Tensor:
-    """Per-token part of attention after the segments: [T, H, D] → [T, C]."""
-    out = out.reshape(out.shape[0], -1)
-    norm = getattr(attn, "norm", None)  # scale-norm, absent in older timm
-    if norm is not None:
-        out = norm(out)
-    if gate is not None:
-        out = out * gate
-    return attn.proj_drop(attn.proj(out))
-
-
-def _block_pre(block: Block, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    return _qkv(block.attn, block.norm1(x))
 
 
 def _block_post(
     block: Block, x: Tensor, out: Tensor, gate: Tensor | None, keep1: Tensor | None, keep2: Tensor | None
 ) -> Tensor:
-    y = block.ls1(_proj(block.attn, out, gate))
+    """Per-token part after attention's [T, H, D] ``out``: projection, both residuals and the MLP."""
+    attn, out = block.attn, out.reshape(out.shape[0], -1)
+    norm = getattr(attn, "norm", None)  # scale-norm, absent in older timm
+    if norm is not None:
+        out = norm(out)
+    if gate is not None:
+        out = out * gate
+    y = block.ls1(attn.proj_drop(attn.proj(out)))
     x = x + (y if keep1 is None else y * keep1[:, None])
     y = block.ls2(block.mlp(block.norm2(x)))
     return x + (y if keep2 is None else y * keep2[:, None])
