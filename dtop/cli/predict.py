@@ -168,7 +168,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     device, amp = device_and_dtype(str(cfg.device), str(cfg.precision))
     model.to(device)
     graphs = cfg.cuda_graphs and device.type == "cuda"
-    run: Segmentor | GraphedSegmentor = GraphedSegmentor(model, capture_after=2) if graphs else model  # distinct images
+    run: Segmentor | GraphedSegmentor = GraphedSegmentor.for_streams(model) if graphs else model
     patch, colors = model.backbone.patch_size, stage_colors(model.num_stages)
     alpha = float(cfg.overlay_alpha)
     rows: list[dict[str, Any]] = []

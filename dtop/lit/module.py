@@ -330,7 +330,7 @@ class SegModule(L.LightningModule):
         mode = self.hparams.cuda_graphs
         fitting = self.trainer.state.fn == TrainerFn.FITTING
         if self.device.type == "cuda" and (mode is True or (mode == "auto" and not fitting)):
-            self._graphed = GraphedSegmentor(self.model, capture_after=2)  # eval images are distinct
+            self._graphed = GraphedSegmentor.for_streams(self.model)
 
     def _drop_graphs(self) -> None:
         """Graphs read the weights' and buffers' addresses: Lightning may move the model between loops, so

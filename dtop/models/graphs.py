@@ -65,23 +65,36 @@ def _round_up(n: int, step: int) -> int:
 class StageGraphs:
     """Captures and replays inference graphs, keyed by input shape, policy setting and token bucket.
 
-    ``bucket``: token counts are rounded up to a multiple of max(bucket, 1/128 of the unpruned
-    count), so the padding costs under 1 % of the dense work and one batch shape needs at most ~128
-    graphs per pruning stage. Past ``max_graphs`` new sizes run the same code eagerly instead of
-    capturing more.
+    ``bucket`` and ``steps``: token counts are rounded up to a multiple of max(bucket, 1/``steps`` of the
+    unpruned count), so one batch shape needs at most ~``steps`` graphs per pruning stage and the
+    padding costs under 1/``steps`` of the dense work; the longest segment is rounded up to ``bucket``.
+    Past ``max_graphs`` new sizes run the same code eagerly instead of capturing more.
 
-    ``capture_after``: a size is captured the ``capture_after``-th time it is asked for and runs eagerly
-    before. A capture costs two eager warm-up runs plus the recording, so capturing a size that never
-    comes back costs several times the eager run it replaces. Over a stream of distinct images (an
-    evaluation, ``dtop-predict``) many bucketed sizes come once; 2 there caps that waste at one extra
-    eager run per size that does come back. 1 (capture at once) suits a benchmark that warms up on
-    what it then times.
+    ``capture_after``: a size is captured the ``capture_after``-th time it is asked for. A capture costs
+    two eager warm-up runs plus the recording, so capturing a size that never comes back costs several
+    times the eager run it replaces. Over a stream of distinct images (an evaluation, ``dtop-predict``)
+    many sizes come once; 2 there caps that waste at one extra eager run per size that does come back.
+    1 (capture at once) suits a benchmark that warms up on what it then times.
+
+    A size not captured (yet) replays a captured graph that *covers* it instead of running eagerly
+    where one exists: the same group with at most one step more tokens and a longest segment at least
+    as long (what the phantom image then holds is dropped, as always). Only the padding differs.
     """
 
-    def __init__(self, bucket: int = 64, max_graphs: int = 256, capture: bool = True, capture_after: int = 1) -> None:
+    def __init__(
+        self,
+        bucket: int = 64,
+        max_graphs: int = 256,
+        capture: bool = True,
+        capture_after: int = 1,
+        steps: int = 128,
+    ) -> None:
         if capture_after < 1:
             raise ValueError(f"capture_after must be ≥ 1, got {capture_after}.")
+        if steps < 1 or bucket < 1:
+            raise ValueError(f"steps and bucket must be ≥ 1, got {steps} and {bucket}.")
         self.bucket, self.max_graphs, self.capture, self.capture_after = bucket, max_graphs, capture, capture_after
+        self.steps = steps
         self.contexts: dict[tuple, _Context] = {}
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Any]] = {}
         self.requests: dict[tuple, int] = {}  # how often each size not captured yet was asked for
@@ -95,6 +108,7 @@ class StageGraphs:
         out = None
         filled = 0  # tokens the last group placed in its buffer (kept ones first)
         for g, (first, last) in enumerate(ctx.groups):
+            cover = None
             if g == 0:
                 key, size = (ckey, 0), None
             else:
@@ -102,10 +116,10 @@ class StageGraphs:
                 if src.ready is not None:
                     src.ready.synchronize()  # the one host wait per pruning stage
                 n_keep, max_len, _, n_special = src.host_stats.tolist()
-                step = max(self.bucket, _round_up(ctx.full // 128, 8))
-                Tb = min(_round_up(max(n_keep, 1), step), filled)
-                L = min(_round_up(max(max_len, Tb - n_keep + n_special, 1), self.bucket), Tb)
-                key, size = (ckey, g, Tb, L), (Tb, L, n_special)
+                size = self._size(ctx, n_keep, max_len, n_special, filled)
+                key = (ckey, g, *size)
+                if self.capture and key not in self.graphs:
+                    cover = self._cover(key, n_keep, max_len, filled, ctx.full)
 
             def program(g: int = g, first: int = first, last: int = last, size: Any = size) -> Any:
                 with torch.autocast(
@@ -113,12 +127,39 @@ class StageGraphs:
                 ):
                     return self._program(model, ctx, g, first, last, size, B)
 
-            out = self._replay(key, program, ctx)
+            out = self._replay(key, program, ctx, cover)
             if g + 1 < len(ctx.groups):
                 filled = out
                 if ctx.tokens[(g + 1) % 2].ready is not None:
                     ctx.tokens[(g + 1) % 2].ready.record()
         return _clone(out)
+
+    def _step(self, full: int) -> int:
+        return max(self.bucket, _round_up(full // self.steps, 8))
+
+    def _size(self, ctx: _Context, n_keep: int, max_len: int, n_special: int, filled: int) -> tuple[int, int, int]:
+        """The next group's (tokens, longest segment, kept non-patch tokens) on the size grid."""
+        Tb = min(_round_up(max(n_keep, 1), self._step(ctx.full)), filled)
+        return Tb, self._longest(Tb, n_keep, max_len, n_special), n_special
+
+    def _longest(self, Tb: int, n_keep: int, max_len: int, n_special: int) -> int:
+        """The longest segment of a ``Tb``-token stream: a real image's or the phantom's (which also
+        receives the non-patch tokens when the heads read the patches), rounded up to the bucket."""
+        return min(_round_up(max(max_len, Tb - n_keep + n_special, 1), self.bucket), Tb)
+
+    def _cover(self, key: tuple, n_keep: int, max_len: int, filled: int, full: int) -> tuple | None:
+        """The smallest captured size of the same group that can run this request: at most one step more
+        tokens (no more than the last group laid out), segments at least as long."""
+        ckey, g, Tb, _, n_special = key
+        best = None
+        for other in self.graphs:
+            if len(other) != 5 or other[:2] != (ckey, g) or other[4] != n_special:
+                continue
+            Tc, Lc = other[2], other[3]
+            if Tb <= Tc <= min(Tb + self._step(full), filled) and Lc >= self._longest(Tc, n_keep, max_len, n_special):
+                if best is None or (Tc, Lc) < best[2:4]:
+                    best = other
+        return best
 
     def _context(self, model: Segmentor, images: Tensor) -> tuple[_Context, tuple]:
         groups, first = [], 0
@@ -181,15 +222,20 @@ class StageGraphs:
         src.cu[B + 1 :].fill_(Tb)
         return TokenStream(src.x[:Tb], src.batch[:Tb], src.pos[:Tb], src.cu, L, B + 1, n_special, False, True)
 
-    def _replay(self, key: tuple, program: Callable[[], Any], ctx: _Context) -> Any:
+    def _replay(self, key: tuple, program: Callable[[], Any], ctx: _Context, cover: tuple | None = None) -> Any:
+        """Replay ``key``'s graph, capturing it first when its time has come; until then replay ``cover``
+        (a captured graph that can run this request) or run ``program`` eagerly."""
         if not self.capture:
             return program()
         if key not in self.graphs:
             self.requests[key] = asked = self.requests.get(key, 0) + 1
             if asked < self.capture_after or len(self.graphs) >= self.max_graphs:
-                return program()
-            self.graphs[key] = self._capture(program, ctx)
-            del self.requests[key]
+                if cover is None:
+                    return program()
+                key = cover
+            else:
+                self.graphs[key] = self._capture(program, ctx)
+                del self.requests[key]
         graph, out = self.graphs[key]
         graph.replay()
         return out
@@ -242,10 +288,23 @@ class GraphedSegmentor:
     """
 
     def __init__(
-        self, model: Segmentor, bucket: int = 64, max_graphs: int = 256, capture: bool = True, capture_after: int = 1
+        self,
+        model: Segmentor,
+        bucket: int = 64,
+        max_graphs: int = 256,
+        capture: bool = True,
+        capture_after: int = 1,
+        steps: int = 128,
     ) -> None:
         self.model = model
-        self.graphs = StageGraphs(bucket, max_graphs, capture, capture_after)
+        self.graphs = StageGraphs(bucket, max_graphs, capture, capture_after, steps)
+
+    @classmethod
+    def for_streams(cls, model: Segmentor) -> GraphedSegmentor:
+        """Settings for a stream of distinct images (evaluation, ``dtop-predict``), where a batch's kept
+        count is seldom seen twice: a coarser size grid (32 steps: padding under 1/32 of the dense work)
+        so that sizes come back and captures pay off, and a capture only on a size's second request."""
+        return cls(model, capture_after=2, steps=32)
 
     @property
     def captured(self) -> int:
