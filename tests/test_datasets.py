@@ -322,6 +322,17 @@ def test_auto_workers_share_the_cores_between_devices(tmp_path: Path, monkeypatc
             ADE20KDataModule(tmp_path, batch_size=1, num_workers=bad)
 
 
+def test_eval_loaders_start_no_more_workers_than_batches(tmp_path: Path) -> None:
+    dm = CamVidDataModule(make_camvid(tmp_path), batch_size=1, val_batch_size=1, num_workers=4, test_split="test")
+    dm.setup("fit")
+    dm.setup("test")
+    assert dm.train_dataloader().num_workers == 4
+    assert dm.val_dataloader().num_workers == 2  # 2 val images, one per batch
+    assert dm.test_dataloader().num_workers == 1  # 1 test image
+    dm.val_batch_size = 2
+    assert dm.val_dataloader().num_workers == 1
+
+
 # --------------------------------------------------------------------------- configs
 
 

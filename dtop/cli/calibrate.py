@@ -142,7 +142,7 @@ def calibration_loader(dm: Any, max_images: int | None, seed: int | None = None)
         Subset(dataset, indices),
         batch_size=dm.val_batch_size,
         shuffle=False,
-        num_workers=dm.workers,
+        num_workers=min(dm.workers, -(-count // dm.val_batch_size)),  # no more workers than batches
         collate_fn=seg_collate,
     )
 

@@ -171,12 +171,17 @@ class SegDataModule(L.LightningDataModule):
         self.setup(stage)
 
     def _loader(
-        self, dataset: Dataset | None, stage: str, loader: type[DataLoader] = DataLoader, **kwargs: Any
+        self,
+        dataset: Dataset | None,
+        stage: str,
+        loader: type[DataLoader] = DataLoader,
+        max_workers: int | None = None,
+        **kwargs: Any,
     ) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: no {stage} dataset; call setup() first")
         self.validate_metadata()
-        workers = self.workers
+        workers = self.workers if max_workers is None else min(self.workers, max_workers)
         return loader(
             dataset,
             num_workers=workers,
@@ -206,16 +211,8 @@ class SegDataModule(L.LightningDataModule):
             drop_last=True,
         )
 
-    # Under DDP the eval loaders shard without padding (each image on exactly one rank, in whole single-device
-    # batches): see dtop.data.sampler. On one device the sampler is None, i.e. sequential.
     def val_dataloader(self) -> DataLoader:
-        return self._loader(
-            self.val_dataset,
-            "val",
-            batch_size=self.val_batch_size,
-            shuffle=False,
-            sampler=eval_sampler(self.val_dataset, self.val_batch_size),
-        )
+        return self._eval_loader(self.val_dataset, "val")
 
     def test_dataloader(self) -> DataLoader:
         dataset = self.test_dataset if self.test_dataset is not None else self.val_dataset
@@ -223,10 +220,20 @@ class SegDataModule(L.LightningDataModule):
             count = min(int(self.test_images), len(dataset))  # type: ignore[arg-type]
             g = torch.Generator().manual_seed(int(self.test_images_seed))
             dataset = Subset(dataset, sorted(torch.randperm(len(dataset), generator=g)[:count].tolist()))  # type: ignore[arg-type]
+        return self._eval_loader(dataset, "test")
+
+    # Under DDP the eval loaders shard without padding (each image on exactly one rank, in whole single-device
+    # batches): see dtop.data.sampler. On one device the sampler is None, i.e. sequential.
+    def _eval_loader(self, dataset: Dataset | None, stage: str) -> DataLoader:
+        """No more workers than this rank has batches: a short evaluation (CamVid val: 7 batches of 16)
+        would otherwise start workers, each a fork of this process, that never load a batch."""
+        sampler = eval_sampler(dataset, self.val_batch_size)
+        images = len(sampler) if sampler is not None else len(dataset) if dataset is not None else 0  # type: ignore[arg-type]
         return self._loader(
             dataset,
-            "test",
+            stage,
+            max_workers=-(-images // self.val_batch_size),
             batch_size=self.val_batch_size,
             shuffle=False,
-            sampler=eval_sampler(dataset, self.val_batch_size),
+            sampler=sampler,
         )
