@@ -65,20 +65,19 @@ def _round_up(n: int, step: int) -> int:
 class StageGraphs:
     """Captures and replays inference graphs, keyed by input shape, policy setting and token bucket.
 
-    ``bucket`` and ``steps``: token counts are rounded up to a multiple of max(bucket, 1/``steps`` of the
-    unpruned count), so one batch shape needs at most ~``steps`` graphs per pruning stage and the
+    ``bucket`` and ``steps``: token counts are rounded up to a multiple of max(bucket, 1/``steps`` of
+    the unpruned count), so one batch shape needs at most ~``steps`` graphs per pruning stage and the
     padding costs under 1/``steps`` of the dense work; the longest segment is rounded up to ``bucket``.
+    A batch's sizes depend on that batch alone (not on what ran before), so a replay, a capture and the
+    eager fallback compute the same thing, and an evaluation sharded over ranks equals one device's.
     Past ``max_graphs`` new sizes run the same code eagerly instead of capturing more.
 
-    ``capture_after``: a size is captured the ``capture_after``-th time it is asked for. A capture costs
-    two eager warm-up runs plus the recording, so capturing a size that never comes back costs several
-    times the eager run it replaces. Over a stream of distinct images (an evaluation, ``dtop-predict``)
-    many sizes come once; 2 there caps that waste at one extra eager run per size that does come back.
-    1 (capture at once) suits a benchmark that warms up on what it then times.
-
-    A size not captured (yet) replays a captured graph that *covers* it instead of running eagerly
-    where one exists: the same group with at most one step more tokens and a longest segment at least
-    as long (what the phantom image then holds is dropped, as always). Only the padding differs.
+    ``capture_after``: a size is captured the ``capture_after``-th time it is asked for and runs eagerly
+    before. A capture costs two eager warm-up runs plus the recording, so capturing a size that never
+    comes back costs several times the eager run it replaces. Over a stream of distinct images (an
+    evaluation, ``dtop-predict``) many bucketed sizes come once; 2 there caps that waste at one extra
+    eager run per size that does come back. 1 (capture at once) suits a benchmark that warms up on
+    what it then times.
     """
 
     def __init__(
@@ -108,7 +107,6 @@ class StageGraphs:
         out = None
         filled = 0  # tokens the last group placed in its buffer (kept ones first)
         for g, (first, last) in enumerate(ctx.groups):
-            cover = None
             if g == 0:
                 key, size = (ckey, 0), None
             else:
@@ -116,10 +114,10 @@ class StageGraphs:
                 if src.ready is not None:
                     src.ready.synchronize()  # the one host wait per pruning stage
                 n_keep, max_len, _, n_special = src.host_stats.tolist()
-                size = self._size(ctx, n_keep, max_len, n_special, filled)
-                key = (ckey, g, *size)
-                if self.capture and key not in self.graphs:
-                    cover = self._cover(key, n_keep, max_len, filled, ctx.full)
+                step = max(self.bucket, _round_up(ctx.full // self.steps, 8))
+                Tb = min(_round_up(max(n_keep, 1), step), filled)
+                L = min(_round_up(max(max_len, Tb - n_keep + n_special, 1), self.bucket), Tb)
+                key, size = (ckey, g, Tb, L), (Tb, L, n_special)
 
             def program(g: int = g, first: int = first, last: int = last, size: Any = size) -> Any:
                 with torch.autocast(
@@ -127,39 +125,12 @@ class StageGraphs:
                 ):
                     return self._program(model, ctx, g, first, last, size, B)
 
-            out = self._replay(key, program, ctx, cover)
+            out = self._replay(key, program, ctx)
             if g + 1 < len(ctx.groups):
                 filled = out
                 if ctx.tokens[(g + 1) % 2].ready is not None:
                     ctx.tokens[(g + 1) % 2].ready.record()
         return _clone(out)
-
-    def _step(self, full: int) -> int:
-        return max(self.bucket, _round_up(full // self.steps, 8))
-
-    def _size(self, ctx: _Context, n_keep: int, max_len: int, n_special: int, filled: int) -> tuple[int, int, int]:
-        """The next group's (tokens, longest segment, kept non-patch tokens) on the size grid."""
-        Tb = min(_round_up(max(n_keep, 1), self._step(ctx.full)), filled)
-        return Tb, self._longest(Tb, n_keep, max_len, n_special), n_special
-
-    def _longest(self, Tb: int, n_keep: int, max_len: int, n_special: int) -> int:
-        """The longest segment of a ``Tb``-token stream: a real image's or the phantom's (which also
-        receives the non-patch tokens when the heads read the patches), rounded up to the bucket."""
-        return min(_round_up(max(max_len, Tb - n_keep + n_special, 1), self.bucket), Tb)
-
-    def _cover(self, key: tuple, n_keep: int, max_len: int, filled: int, full: int) -> tuple | None:
-        """The smallest captured size of the same group that can run this request: at most one step more
-        tokens (no more than the last group laid out), segments at least as long."""
-        ckey, g, Tb, _, n_special = key
-        best = None
-        for other in self.graphs:
-            if len(other) != 5 or other[:2] != (ckey, g) or other[4] != n_special:
-                continue
-            Tc, Lc = other[2], other[3]
-            if Tb <= Tc <= min(Tb + self._step(full), filled) and Lc >= self._longest(Tc, n_keep, max_len, n_special):
-                if best is None or (Tc, Lc) < best[2:4]:
-                    best = other
-        return best
 
     def _context(self, model: Segmentor, images: Tensor) -> tuple[_Context, tuple]:
         groups, first = [], 0
@@ -222,20 +193,15 @@ class StageGraphs:
         src.cu[B + 1 :].fill_(Tb)
         return TokenStream(src.x[:Tb], src.batch[:Tb], src.pos[:Tb], src.cu, L, B + 1, n_special, False, True)
 
-    def _replay(self, key: tuple, program: Callable[[], Any], ctx: _Context, cover: tuple | None = None) -> Any:
-        """Replay ``key``'s graph, capturing it first when its time has come; until then replay ``cover``
-        (a captured graph that can run this request) or run ``program`` eagerly."""
+    def _replay(self, key: tuple, program: Callable[[], Any], ctx: _Context) -> Any:
         if not self.capture:
             return program()
         if key not in self.graphs:
             self.requests[key] = asked = self.requests.get(key, 0) + 1
             if asked < self.capture_after or len(self.graphs) >= self.max_graphs:
-                if cover is None:
-                    return program()
-                key = cover
-            else:
-                self.graphs[key] = self._capture(program, ctx)
-                del self.requests[key]
+                return program()
+            self.graphs[key] = self._capture(program, ctx)
+            del self.requests[key]
         graph, out = self.graphs[key]
         graph.replay()
         return out
