@@ -253,17 +253,11 @@ class GraphedSegmentor:
     are the model's own code); a plain object, so wrapping adds no parameters or state-dict keys.
     """
 
-    def __init__(
-        self,
-        model: Segmentor,
-        bucket: int = 64,
-        max_graphs: int = 256,
-        capture: bool = True,
-        capture_after: int = 1,
-        steps: int = 128,
-    ) -> None:
+    def __init__(self, model: Segmentor, bucket: int = 64, **settings: Any) -> None:
+        """``settings``: :class:`StageGraphs`' other arguments (``max_graphs``, ``capture``, ``capture_after``,
+        ``steps``)."""
         self.model = model
-        self.graphs = StageGraphs(bucket, max_graphs, capture, capture_after, steps)
+        self.graphs = StageGraphs(bucket, **settings)
 
     @classmethod
     def for_streams(cls, model: Segmentor) -> GraphedSegmentor:
