@@ -263,7 +263,7 @@ class GraphedSegmentor:
     def for_streams(cls, model: Segmentor) -> GraphedSegmentor:
         """Settings for a stream of distinct images (evaluation, ``dtop-predict``), where a batch's kept
         count is seldom seen twice: a coarser size grid (32 steps: padding under 1/32 of the dense work)
-        so that sizes come back and captures pay off, and a capture only on a size's second request."""
+        on which sizes come back more often, and a capture only on a size's second request."""
         return cls(model, capture_after=2, steps=32)
 
     @property
