@@ -46,7 +46,6 @@ from dtop.cli.common import (
     print_config_tree,
     use_checkpoint_config,
 )
-from dtop.data.base import seg_collate
 
 # ------------------------------------------------------------------------- sweep objective
 
@@ -138,13 +137,7 @@ def calibration_loader(dm: Any, max_images: int | None, seed: int | None = None)
         indices = list(range(count))
     else:
         indices = sorted(torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))[:count].tolist())
-    return DataLoader(
-        Subset(dataset, indices),
-        batch_size=dm.val_batch_size,
-        shuffle=False,
-        num_workers=min(dm.workers, -(-count // dm.val_batch_size)),  # no more workers than batches
-        collate_fn=seg_collate,
-    )
+    return dm.eval_loader(Subset(dataset, indices), "calibration")
 
 
 def _thresholds(values: Sequence[Any]) -> list[Any]:

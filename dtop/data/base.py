@@ -212,7 +212,7 @@ class SegDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.val_dataset, "val")
+        return self.eval_loader(self.val_dataset, "val")
 
     def test_dataloader(self) -> DataLoader:
         dataset = self.test_dataset if self.test_dataset is not None else self.val_dataset
@@ -220,12 +220,14 @@ class SegDataModule(L.LightningDataModule):
             count = min(int(self.test_images), len(dataset))  # type: ignore[arg-type]
             g = torch.Generator().manual_seed(int(self.test_images_seed))
             dataset = Subset(dataset, sorted(torch.randperm(len(dataset), generator=g)[:count].tolist()))  # type: ignore[arg-type]
-        return self._eval_loader(dataset, "test")
+        return self.eval_loader(dataset, "test")
 
     # Under DDP the eval loaders shard without padding (each image on exactly one rank, in whole single-device
     # batches): see dtop.data.sampler. On one device the sampler is None, i.e. sequential.
-    def _eval_loader(self, dataset: Dataset | None, stage: str) -> DataLoader:
-        """No more workers than this rank has batches: a short evaluation (CamVid val: 7 batches of 16)
+    def eval_loader(self, dataset: Dataset | None, stage: str) -> DataLoader:
+        """An evaluation loader over ``dataset`` (val, test, calibration subsets), in ``val_batch_size`` batches.
+
+        No more workers than this rank has batches: a short evaluation (CamVid val: 7 batches of 16)
         would otherwise start workers, each a fork of this process, that never load a batch."""
         sampler = eval_sampler(dataset, self.val_batch_size)
         images = len(sampler) if sampler is not None else len(dataset) if dataset is not None else 0  # type: ignore[arg-type]
