@@ -129,7 +129,8 @@ def test_a_size_is_captured_when_asked_for_the_capture_after_th_time(monkeypatch
     model = make_model(policy=DToP(0.3, k=1))
     captures: list[int] = []
 
-    def capture(self, program, ctx):
+    def capture(self, program, ctx, warm):
+        assert warm == (capture_after == 1)  # a size that already ran eagerly is recorded without warm-up
         captures.append(len(self.graphs))
         return _Recorded(), program()
 
@@ -149,17 +150,32 @@ def test_a_size_is_captured_when_asked_for_the_capture_after_th_time(monkeypatch
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("batch", [4, 1])  # batch 1: cuDNN over the bucket with the phantom's keys hidden
-def test_captured_graphs_equal_eager_on_cuda(batch):
+@pytest.mark.parametrize("capture_after", [1, 2])  # 2: recorded without warm-up, after an eager run
+def test_captured_graphs_equal_eager_on_cuda(batch, capture_after):
     model = make_model(policy=DToP(0.25, k=1)).cuda()
-    graphed = GraphedSegmentor(model, bucket=16)
-    for _ in range(3):
-        images = torch.randn(batch, 3, 48, 64, device="cuda")
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            graph = graphed(images)
-            eager = model(images, keep_stages=True)
-        assert torch.equal(graph.stats["tokens_per_stage"], eager.stats["tokens_per_stage"])
-        assert float((graph.logits - eager.logits).abs().max() / eager.logits.abs().max()) < 2e-2
+    graphed = GraphedSegmentor(model, bucket=16, capture_after=capture_after)
+    for seed in range(3):
+        images = torch.randn(batch, 3, 48, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+        for _ in range(capture_after + 1):  # the last call replays what an earlier one captured
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                graph = graphed(images)
+                eager = model(images, keep_stages=True)
+            assert torch.equal(graph.stats["tokens_per_stage"], eager.stats["tokens_per_stage"])
+            assert float((graph.logits - eager.logits).abs().max() / eager.logits.abs().max()) < 2e-2
     assert graphed.graphs.graphs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_capture_keeps_the_allocators_caches():
+    """torch.cuda.graph empties the device and pinned-host caches on every capture; a stream of captures
+    must not make the eager runs and the DataLoader's pinning between them allocate afresh."""
+    model = make_model(policy=DToP(0.25, k=1)).cuda().to(torch.bfloat16)
+    graphed = GraphedSegmentor(model, bucket=16)
+    torch.empty(256 << 20, dtype=torch.uint8, device="cuda")  # freed at once: 256 MiB cached, unused
+    reserved = torch.cuda.memory_reserved()
+    with torch.no_grad():
+        graphed(torch.randn(2, 3, 48, 64, device="cuda", dtype=torch.bfloat16))
+    assert graphed.captured > 0 and torch.cuda.memory_reserved() >= reserved
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -73,11 +73,16 @@ class StageGraphs:
     Past ``max_graphs`` new sizes run the same code eagerly instead of capturing more.
 
     ``capture_after``: a size is captured the ``capture_after``-th time it is asked for and runs eagerly
-    before. A capture costs two eager warm-up runs plus the recording, so capturing a size that never
-    comes back costs several times the eager run it replaces. Over a stream of distinct images (an
-    evaluation, ``dtop-predict``) many bucketed sizes come once; 2 there caps that waste at one extra
-    eager run per size that does come back. 1 (capture at once) suits a benchmark that warms up on
-    what it then times.
+    before. A first capture of a size that never ran costs two eager warm-up runs plus the recording;
+    a size that already ran eagerly is recorded at once (its kernels are compiled and its buffers
+    allocated). Over a stream of distinct images (an evaluation, ``dtop-predict``) many bucketed sizes
+    come once; 2 there runs them eagerly and records the ones that come back with no warm-up. 1 (capture
+    at once) suits a benchmark that warms up on what it then times.
+
+    Captures call ``CUDAGraph.capture_begin/capture_end`` directly rather than ``torch.cuda.graph``,
+    whose entry synchronises the device and empties the caching allocators (device and pinned host
+    memory) on every capture: over a stream with dozens of captures, that made the eager runs between
+    them allocate afresh and the DataLoader pin each batch into new host memory.
     """
 
     def __init__(
@@ -97,7 +102,8 @@ class StageGraphs:
         self.contexts: dict[tuple, _Context] = {}
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Any]] = {}
         self.requests: dict[tuple, int] = {}  # how often each size not captured yet was asked for
-        self.pool = None
+        self.pool: Any = None
+        self.stream: torch.cuda.Stream | None = None  # the captures' stream (capture needs a side stream)
 
     def run(self, model: Segmentor, images: Tensor) -> SegOutput:
         ctx, ckey = self._context(model, images)
@@ -200,31 +206,38 @@ class StageGraphs:
             self.requests[key] = asked = self.requests.get(key, 0) + 1
             if asked < self.capture_after or len(self.graphs) >= self.max_graphs:
                 return program()
-            self.graphs[key] = self._capture(program, ctx)
+            self.graphs[key] = self._capture(program, ctx, warm=asked == 1)
             del self.requests[key]
         graph, out = self.graphs[key]
         graph.replay()
         return out
 
-    def _capture(self, program: Callable[[], Any], ctx: _Context) -> tuple[torch.cuda.CUDAGraph, Any]:
-        """Warm up on a side stream (the state is restored afterwards), then capture."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            saved = ctx.state.tensors() if ctx.state is not None else []
-            backup = [t.clone() for t in saved]
-            for _ in range(2):  # the first run also allocates lazily created buffers outside the pool
-                program()
-            for t, b in zip(saved, backup):
-                t.copy_(b)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
+    def _capture(self, program: Callable[[], Any], ctx: _Context, warm: bool) -> tuple[torch.cuda.CUDAGraph, Any]:
+        """Record ``program``; ``warm``: the size never ran, so first run it twice on a side stream (the
+        state is restored afterwards) to compile its kernels and allocate lazily created buffers outside
+        the graph's pool."""
+        if warm:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                saved = ctx.state.tensors() if ctx.state is not None else []
+                backup = [t.clone() for t in saved]
+                for _ in range(2):
+                    program()
+                for t, b in zip(saved, backup):
+                    t.copy_(b)
+            torch.cuda.current_stream().wait_stream(side)
         if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
+            self.pool, self.stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
+        graph = torch.cuda.CUDAGraph()
         # thread_local: CUDA calls of other threads (a DataLoader's pin-memory thread pinning the next batch)
         # must not invalidate this thread's capture, which global mode lets them do
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            out = program()
+        with torch.cuda.stream(self.stream):
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            try:
+                out = program()
+            finally:
+                graph.capture_end()
         return graph, out
 
 
